@@ -1,0 +1,278 @@
+"""The one entry point, ``fedge``. Subcommands import what they need only when they run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+from rich.console import Console
+
+from protocol.errors import FedgeError
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig as AgentConfigType
+
+__all__ = ["main"]
+
+console = Console(stderr=True)
+
+
+class _FedgeGroup(click.Group):
+    """Turns a FedgeError into one clear line and exit status 2: no traceback for user mistakes."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except FedgeError as exc:
+            console.print(f"[bold red]error:[/] {exc}")
+            raise SystemExit(2) from exc
+
+
+@click.group(cls=_FedgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """fedge: edge AI agents and federated learning over a plain MQTT broker.
+
+    \b
+    Examples:
+      fedge broker --port 1883
+      fedge keys generate --out keys/
+      fedge protocol schema > fedge-messages.schema.json
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@cli.group()
+def protocol() -> None:
+    """Inspect the wire protocol."""
+
+
+@protocol.command("schema")
+@click.option("--kind", "kind", default=None, help="Print only this message kind's schema.")
+def protocol_schema(kind: str | None) -> None:
+    """Print the JSON Schema of every fedge message (draft 2020-12).
+
+    \b
+    Examples:
+      fedge protocol schema > messages.schema.json
+      fedge protocol schema --kind round_announcement
+    """
+    from protocol.messages.codec import message_schema
+
+    schema = message_schema()
+    if kind is not None:
+        definitions = schema.get("$defs", {})
+        matches = {
+            name: definition
+            for name, definition in definitions.items()
+            if definition.get("properties", {}).get("kind", {}).get("const") == kind
+        }
+        if not matches:
+            kinds = sorted(
+                str(d["properties"]["kind"]["const"])
+                for d in definitions.values()
+                if "const" in d.get("properties", {}).get("kind", {})
+            )
+            raise click.BadParameter(f"unknown kind {kind!r}; known: {', '.join(kinds)}")
+        ((_, single),) = matches.items()
+        schema = {"$schema": schema["$schema"], "$defs": definitions, **single}
+    click.echo(json.dumps(schema, indent=2, sort_keys=True))
+
+
+@cli.group()
+def keys() -> None:
+    """Manage the coordinator's Ed25519 signing keys."""
+
+
+@keys.command("generate")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("keys"),
+    show_default=True,
+    help="Directory for NAME.key (private, mode 600) and NAME.pub.",
+)
+@click.option("--name", default="fedge", show_default=True, help="Base name of the key files.")
+@click.option("--force", is_flag=True, help="Overwrite existing key files.")
+def keys_generate(out_dir: Path, name: str, *, force: bool) -> None:
+    """Generate a signing key pair for the coordinator.
+
+    The private key stays with the coordinator; copy the .pub file to every agent.
+
+    \b
+    Examples:
+      fedge keys generate --out /etc/fedge/keys
+    """
+    from protocol.signing import load_verify_key, write_key_pair
+
+    private_path, public_path = write_key_pair(out_dir, name=name, overwrite=force)
+    key_id = load_verify_key(public_path).key_id
+    console.print(f"wrote [bold]{private_path}[/] (private, mode 600)")
+    console.print(f"wrote [bold]{public_path}[/] (public, key id {key_id})")
+
+
+@cli.command("broker")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=1883, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--username", default="fedge", show_default=True)
+@click.option("--password", default="fedge", show_default=True, envvar="FEDGE_BROKER_PASSWORD")
+def broker(host: str, port: int, username: str, password: str) -> None:
+    """Run the embedded pure-Python MQTT broker (MQTT 3.1.1) until Ctrl-C.
+
+    Good for a demo or a laptop; use Mosquitto (see deploy/) for anything real.
+
+    \b
+    Examples:
+      fedge broker --port 1883
+    """
+    from fedge.broker import run_embedded_broker
+
+    console.print(f"embedded broker on mqtt://{host}:{port} (user {username!r}); Ctrl-C stops it")
+    run_embedded_broker(host, port, username=username, password=password)
+
+
+# --- agent ---------------------------------------------------------------------------
+
+_CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    envvar="FEDGE_CONFIG",
+    help="TOML config file (keys as in `fedge agent config --print`).",
+)
+
+
+@cli.group()
+def agent() -> None:
+    """Run and manage an edge agent."""
+
+
+def _agent_config(config_path: Path | None, **overrides: object) -> AgentConfigType:
+    from agent.config import load_agent_config
+
+    return load_agent_config(config_path, **overrides)
+
+
+@agent.command("run")
+@_CONFIG_OPTION
+@click.option("--broker", "broker_url", default=None, help="mqtt://host:port or mqtts://...")
+@click.option("--agent-id", default=None, help="This agent's id (default: the host name).")
+@click.option("--fleet", default=None, help="Fleet name (default: default).")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A .tflite model to serve.",
+)
+@click.option(
+    "--labels",
+    "labels_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Labels file, one per line, in output order.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the outbox and the sample store live.",
+)
+def agent_run(config_path: Path | None, **overrides: object) -> None:
+    """Run the agent until Ctrl-C or SIGTERM.
+
+    Settings come from --config, then FEDGE_* environment variables, then these options.
+
+    \b
+    Examples:
+      fedge agent run --config /etc/fedge/agent.toml
+      fedge agent run --broker mqtt://pi-hub:1883 --model digits.tflite --labels labels.txt
+      FEDGE_MAX_FPS=5 fedge agent run --model model.tflite
+    """
+    import signal
+
+    from agent.daemon import Agent
+
+    config = _agent_config(config_path, **overrides)
+    daemon = Agent(config)
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        daemon.request_stop()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    model = daemon.serving.version if daemon.serving else "no model yet"
+    console.print(
+        f"agent [bold]{config.agent_id}[/] (fleet {config.fleet}) serving {model}; "
+        f"broker {daemon.link.address.redacted()}; frames from "
+        f"{', '.join(config.effective_frame_topics)}"
+    )
+    daemon.run_forever()
+    counts = daemon.intake.counts
+    console.print(
+        f"agent stopped: {counts.received} frames received, {counts.processed} processed, "
+        f"{counts.dropped_stale + counts.dropped_rate} dropped, {counts.rejected} rejected"
+    )
+
+
+@agent.command("config")
+@_CONFIG_OPTION
+@click.option("--print", "print_config", is_flag=True, help="Print the effective config as TOML.")
+def agent_config(config_path: Path | None, *, print_config: bool) -> None:
+    """Check an agent config; with --print, show every effective setting.
+
+    \b
+    Examples:
+      fedge agent config --config agent.toml --print
+    """
+    config = _agent_config(config_path)
+    if print_config:
+        import tomli_w
+
+        values = {k: v for k, v in config.redacted().items() if v is not None}
+        click.echo(tomli_w.dumps(values), nl=False)
+    else:
+        console.print("config is valid")
+
+
+@agent.command("import")
+@_CONFIG_OPTION
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def agent_import(config_path: Path | None, folder: Path) -> None:
+    """Import labelled samples from FOLDER/<label>/<image> into the agent's sample store.
+
+    Images are cleaned and deduplicated on the way in, as frames are.
+
+    \b
+    Examples:
+      fedge agent import ./my-labelled-photos --config /etc/fedge/agent.toml
+    """
+    from agent.store import SampleStore
+
+    config = _agent_config(config_path)
+    store = SampleStore(config.data_dir / "samples", max_per_class=config.store_max_per_class)
+    try:
+        report = store.import_folder(folder)
+        counts = store.counts()
+    finally:
+        store.close()
+    console.print(
+        f"imported {report.added} samples, rejected {sum(report.rejected.values())} "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(report.rejected.items())) or 'none'}), "
+        f"skipped {report.skipped} non-image files"
+    )
+    console.print("store now holds: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+
+
+def main() -> None:
+    cli(prog_name="fedge")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

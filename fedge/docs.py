@@ -1,0 +1,113 @@
+"""README sections generated from the code, so the documentation cannot drift from it.
+
+``python -m fedge.docs`` rewrites the marked sections of README.md; a test fails when
+README.md differs from what this module generates.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from protocol.chunks import CHUNK_HEADER_BYTES, DEFAULT_MAX_CHUNK_BYTES
+from protocol.messages.codec import MESSAGE_TYPES
+from protocol.topics import Topics
+
+__all__ = ["SECTIONS", "render_readme"]
+
+_PLACEHOLDERS = {
+    "FLEET": "<fleet>",
+    "AGENT": "<agent>",
+    "CAMERA": "<camera>",
+    "VERSION": "<version>",
+}
+_ROUND, _INDEX = 77, 99
+
+
+def _topic_rows() -> list[tuple[str, str, str]]:
+    t = Topics(fleet="FLEET")
+    rows = [
+        (t.agent_status("AGENT"), "agent", "retained `agent_status`; birth online, LWT offline"),
+        (
+            t.agent_commands("AGENT"),
+            "anyone",
+            "commands: `ping`, `status`, `load_model`, `set_options`, `label`",
+        ),
+        (t.agent_events("AGENT"), "agent", "`command_ack` and `error` events"),
+        (t.agent_results("AGENT"), "agent", "`inference_result`"),
+        (t.camera_frames("CAMERA"), "camera", "a bare JPEG/PNG/BMP/WebP or a frame envelope"),
+        (t.coordinator_status(), "coordinator", "retained `coordinator_status`"),
+        (t.coordinator_commands(), "operator", "`start_rounds`, `stop_rounds`, `ping`, `status`"),
+        (t.coordinator_events(), "coordinator", "`command_ack` and `error` events"),
+        (t.round_current(), "coordinator", "retained `signed` `round_announcement`"),
+        (t.model_manifest("VERSION"), "coordinator", "retained `signed` `blob_manifest`"),
+        (t.model_chunk("VERSION", _INDEX), "coordinator", "retained bundle chunk (binary)"),
+        (t.update_manifest(_ROUND, "AGENT"), "agent", "`update_complete`"),
+        (t.update_chunk(_ROUND, "AGENT", _INDEX), "agent", "update chunk (binary)"),
+    ]
+    return [(_generic(topic), who, what) for topic, who, what in rows]
+
+
+def _generic(topic: str) -> str:
+    for placeholder, generic in _PLACEHOLDERS.items():
+        topic = topic.replace(placeholder, generic)
+    return topic.replace(f"/{_ROUND}/", "/<round>/").replace(f"/{_INDEX}", "/<index>")
+
+
+def topic_table() -> str:
+    lines = ["| topic | published by | payload |", "| --- | --- | --- |"]
+    lines += [f"| `{topic}` | {who} | {what} |" for topic, who, what in _topic_rows()]
+    return "\n".join(lines)
+
+
+def message_table() -> str:
+    lines = ["| kind | what it is |", "| --- | --- |"]
+    for message_type in MESSAGE_TYPES:
+        kind = message_type.model_fields["kind"].default
+        summary = (message_type.__doc__ or message_type.__name__).strip().splitlines()[0]
+        lines.append(f"| `{kind}` | {summary} |")
+    return "\n".join(lines)
+
+
+def chunking_facts() -> str:
+    return (
+        f"Default maximum MQTT payload per chunk: {DEFAULT_MAX_CHUNK_BYTES} bytes "
+        f"({DEFAULT_MAX_CHUNK_BYTES // 1024} KiB), of which {CHUNK_HEADER_BYTES} bytes are the "
+        "chunk header."
+    )
+
+
+SECTIONS = {"topics": topic_table, "messages": message_table, "chunking": chunking_facts}
+
+
+def _replacer(render: Callable[[], str]) -> Callable[[re.Match[str]], str]:
+    def replace(match: re.Match[str]) -> str:
+        return match.group(1) + render() + match.group(2)
+
+    return replace
+
+
+def render_readme(text: str) -> str:
+    """Replace every ``<!-- generated:NAME -->...<!-- /generated:NAME -->`` block."""
+    for name, render in SECTIONS.items():
+        pattern = re.compile(
+            rf"(<!-- generated:{name} -->\n).*?(\n<!-- /generated:{name} -->)", re.DOTALL
+        )
+        text = pattern.sub(_replacer(render), text)
+    return text
+
+
+def main() -> int:
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    current = readme.read_text()
+    updated = render_readme(current)
+    if updated != current:
+        readme.write_text(updated)
+        sys.stderr.write("README.md updated\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

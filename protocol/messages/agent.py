@@ -1,0 +1,134 @@
+"""Messages an agent publishes: its status (birth and LWT), results and events."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from protocol.messages.base import Id, Message, NonNegativeFloat, ShortText
+
+__all__ = [
+    "AgentState",
+    "AgentStatus",
+    "Capabilities",
+    "CommandAck",
+    "ErrorEvent",
+    "FrameCounters",
+    "InferenceResult",
+    "OutputTensor",
+    "Prediction",
+    "Timings",
+]
+
+Label = Annotated[str, Field(min_length=1, max_length=64)]
+Count = Annotated[int, Field(ge=0)]
+
+
+class AgentState(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class Capabilities(Message):
+    """What an agent can do; part of its birth message."""
+
+    kind: Literal["capabilities"] = "capabilities"
+    runtime: ShortText  # e.g. "ai_edge_litert 2.3.0"
+    can_train: bool = False
+    trainers: tuple[ShortText, ...] = ()
+    agent_version: ShortText = "unknown"
+    model_version: Id | None = None
+
+
+class FrameCounters(Message):
+    kind: Literal["frame_counters"] = "frame_counters"
+    received: Count = 0
+    processed: Count = 0
+    dropped_stale: Count = 0
+    dropped_rate: Count = 0
+    rejected: Count = 0
+
+
+class AgentStatus(Message):
+    """Retained on the agent's status topic; the LWT carries the same shape, offline."""
+
+    kind: Literal["agent_status"] = "agent_status"
+    agent: Id
+    state: AgentState
+    timestamp: NonNegativeFloat
+    capabilities: Capabilities | None = None
+    samples_by_label: dict[Label, Count] = Field(default_factory=dict)
+    frames: FrameCounters | None = None
+
+
+class Prediction(Message):
+    kind: Literal["prediction"] = "prediction"
+    index: Count
+    label: ShortText
+    score: float
+
+
+class OutputTensor(Message):
+    """A raw model output in compact form: every value if small, else a summary."""
+
+    kind: Literal["output_tensor"] = "output_tensor"
+    name: ShortText
+    shape: tuple[Count, ...]
+    dtype: ShortText
+    values: tuple[float, ...] | None = None
+    truncated: bool = False  # values holds only the first elements
+    minimum: float | None = None
+    maximum: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+
+class Timings(Message):
+    """Where the time of one frame went, in milliseconds."""
+
+    kind: Literal["timings"] = "timings"
+    decode_ms: NonNegativeFloat
+    preprocess_ms: NonNegativeFloat
+    invoke_ms: NonNegativeFloat
+    total_ms: NonNegativeFloat
+    # Only when the frame's envelope carried the camera's timestamp (clocks may differ).
+    since_capture_ms: float | None = None
+
+
+class InferenceResult(Message):
+    """What the model said about one frame, with the time each stage took."""
+
+    kind: Literal["inference_result"] = "inference_result"
+    agent: Id
+    source: Id
+    frame_id: ShortText
+    model_version: ShortText
+    timestamp: NonNegativeFloat
+    timings: Timings
+    predictions: tuple[Prediction, ...] = ()
+    outputs: tuple[OutputTensor, ...] = ()
+
+
+class CommandAck(Message):
+    """The answer to every command: ok with details, or an error with a reason."""
+
+    kind: Literal["command_ack"] = "command_ack"
+    command_id: ShortText
+    command: ShortText
+    ok: bool
+    reason: ShortText | None = None
+    message: ShortText | None = None
+    detail: dict[ShortText, str | int | float | bool | None] = Field(default_factory=dict)
+
+
+class ErrorEvent(Message):
+    """Something received was refused or failed; names why so the sender can fix it."""
+
+    kind: Literal["error"] = "error"
+    reason: ShortText
+    message: ShortText
+    topic: ShortText | None = None
+    frame_id: ShortText | None = None
+    timestamp: NonNegativeFloat = 0.0

@@ -1,0 +1,284 @@
+"""Every MQTT topic fedge uses is built and parsed here, and nowhere else.
+
+Layout under a configurable root (default ``fedge``) and a fleet name::
+
+    <root>/<fleet>/agents/<agent>/status                  retained; LWT "offline"
+    <root>/<fleet>/agents/<agent>/commands
+    <root>/<fleet>/agents/<agent>/events                  acks and errors
+    <root>/<fleet>/agents/<agent>/results                 inference results
+    <root>/<fleet>/cameras/<camera>/frames                a camera is anything publishing here
+    <root>/<fleet>/coordinator/status                     retained
+    <root>/<fleet>/coordinator/commands
+    <root>/<fleet>/coordinator/events
+    <root>/<fleet>/rounds/current                         retained, signed announcement
+    <root>/<fleet>/models/<version>/manifest              retained while current
+    <root>/<fleet>/models/<version>/chunks/<index>        retained while current
+    <root>/<fleet>/rounds/<round>/updates/<agent>/manifest
+    <root>/<fleet>/rounds/<round>/updates/<agent>/chunks/<index>
+
+Ids (fleet, agent, camera, model version) are 1..64 characters of ``[A-Za-z0-9_.-]``, so
+they can never contain ``/``, ``+`` or ``#`` or be empty. Rounds and chunk indexes are
+non-negative decimal integers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from protocol.errors import TopicError
+
+__all__ = [
+    "DEFAULT_FLEET",
+    "DEFAULT_ROOT",
+    "MAX_ID_CHARS",
+    "ParsedTopic",
+    "TopicKind",
+    "Topics",
+    "topic_matches",
+    "validate_filter",
+    "validate_id",
+]
+
+DEFAULT_ROOT = "fedge"
+DEFAULT_FLEET = "default"
+MAX_ID_CHARS = 64
+MAX_TOPIC_CHARS = 1024
+MAX_INDEX = 10**9
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_INDEX_PATTERN = re.compile(r"0|[1-9][0-9]{0,9}")
+
+
+class TopicKind(StrEnum):
+    AGENT_STATUS = "agent_status"
+    AGENT_COMMANDS = "agent_commands"
+    AGENT_EVENTS = "agent_events"
+    AGENT_RESULTS = "agent_results"
+    CAMERA_FRAMES = "camera_frames"
+    COORDINATOR_STATUS = "coordinator_status"
+    COORDINATOR_COMMANDS = "coordinator_commands"
+    COORDINATOR_EVENTS = "coordinator_events"
+    ROUND_CURRENT = "round_current"
+    MODEL_MANIFEST = "model_manifest"
+    MODEL_CHUNK = "model_chunk"
+    UPDATE_MANIFEST = "update_manifest"
+    UPDATE_CHUNK = "update_chunk"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    """What a fedge topic names; fields that the kind does not use are ``None``."""
+
+    kind: TopicKind
+    agent: str | None = None
+    camera: str | None = None
+    version: str | None = None
+    round: int | None = None
+    index: int | None = None
+
+
+def validate_id(value: str, *, what: str = "id") -> str:
+    """Return ``value`` if it is usable as one topic level, else raise :class:`TopicError`."""
+    if not isinstance(value, str) or not _ID_PATTERN.fullmatch(value):
+        raise TopicError(
+            f"{what} {value!r} is not 1-{MAX_ID_CHARS} characters of letters, digits, _ . -",
+            reason="bad_id",
+        )
+    if value in {".", ".."}:
+        raise TopicError(f"{what} {value!r} is reserved", reason="bad_id")
+    return value
+
+
+def _validate_index(value: int, *, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INDEX:
+        raise TopicError(f"{what} {value!r} is not an integer in 0..{MAX_INDEX}", reason="bad_id")
+    return value
+
+
+def _parse_index(text: str, *, what: str) -> int:
+    if not _INDEX_PATTERN.fullmatch(text):
+        raise TopicError(f"{what} {text!r} is not a decimal integer", reason="bad_topic")
+    return _validate_index(int(text), what=what)
+
+
+def validate_filter(topic_filter: str) -> str:
+    """Check an MQTT topic filter: ``#`` only last and alone in its level, ``+`` alone."""
+    if not topic_filter or len(topic_filter) > MAX_TOPIC_CHARS or "\x00" in topic_filter:
+        raise TopicError(f"topic filter {topic_filter!r} is empty, too long or has NUL")
+    levels = topic_filter.split("/")
+    for position, level in enumerate(levels):
+        if "#" in level and (level != "#" or position != len(levels) - 1):
+            raise TopicError(f"'#' must be the whole last level in {topic_filter!r}")
+        if "+" in level and level != "+":
+            raise TopicError(f"'+' must be a whole level in {topic_filter!r}")
+    return topic_filter
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """True if the concrete ``topic`` matches the MQTT ``topic_filter`` (pure, no I/O)."""
+    filter_levels = topic_filter.split("/")
+    topic_levels = topic.split("/")
+    # Topics starting with '$' (broker internals) never match a leading wildcard (MQTT 4.7.2).
+    if topic.startswith("$") and filter_levels[0] in {"+", "#"}:
+        return False
+    for position, level in enumerate(filter_levels):
+        if level == "#":
+            return True
+        if position >= len(topic_levels):
+            return False
+        if level not in {"+", topic_levels[position]}:
+            return False
+    return len(filter_levels) == len(topic_levels)
+
+
+class Topics:
+    """Builds and parses the topics of one fleet under one root prefix."""
+
+    def __init__(self, *, root: str = DEFAULT_ROOT, fleet: str = DEFAULT_FLEET) -> None:
+        root_levels = root.split("/")
+        for level in root_levels:
+            validate_id(level, what="root level")
+        self.root = root
+        self.fleet = validate_id(fleet, what="fleet")
+        self._base = f"{root}/{fleet}"
+        self._base_levels = len(root_levels) + 1
+
+    def __repr__(self) -> str:
+        return f"Topics(root={self.root!r}, fleet={self.fleet!r})"
+
+    # agents
+    def agent_status(self, agent: str) -> str:
+        return self._agent(agent, "status")
+
+    def agent_commands(self, agent: str) -> str:
+        return self._agent(agent, "commands")
+
+    def agent_events(self, agent: str) -> str:
+        return self._agent(agent, "events")
+
+    def agent_results(self, agent: str) -> str:
+        return self._agent(agent, "results")
+
+    def all_agent_statuses(self) -> str:
+        return f"{self._base}/agents/+/status"
+
+    def all_agent_events(self) -> str:
+        return f"{self._base}/agents/+/events"
+
+    def all_agent_results(self) -> str:
+        return f"{self._base}/agents/+/results"
+
+    def _agent(self, agent: str, leaf: str) -> str:
+        return f"{self._base}/agents/{validate_id(agent, what='agent id')}/{leaf}"
+
+    # cameras
+    def camera_frames(self, camera: str) -> str:
+        return f"{self._base}/cameras/{validate_id(camera, what='camera id')}/frames"
+
+    def all_camera_frames(self) -> str:
+        return f"{self._base}/cameras/+/frames"
+
+    # coordinator
+    def coordinator_status(self) -> str:
+        return f"{self._base}/coordinator/status"
+
+    def coordinator_commands(self) -> str:
+        return f"{self._base}/coordinator/commands"
+
+    def coordinator_events(self) -> str:
+        return f"{self._base}/coordinator/events"
+
+    # rounds and models
+    def round_current(self) -> str:
+        return f"{self._base}/rounds/current"
+
+    def model_manifest(self, version: str) -> str:
+        return f"{self._model(version)}/manifest"
+
+    def model_chunk(self, version: str, index: int) -> str:
+        return f"{self._model(version)}/chunks/{_validate_index(index, what='chunk index')}"
+
+    def model_chunks(self, version: str) -> str:
+        """Filter for every chunk of one model version."""
+        return f"{self._model(version)}/chunks/+"
+
+    def _model(self, version: str) -> str:
+        return f"{self._base}/models/{validate_id(version, what='model version')}"
+
+    def update_manifest(self, round_number: int, agent: str) -> str:
+        return f"{self._update(round_number, agent)}/manifest"
+
+    def update_chunk(self, round_number: int, agent: str, index: int) -> str:
+        chunk = _validate_index(index, what="chunk index")
+        return f"{self._update(round_number, agent)}/chunks/{chunk}"
+
+    def round_updates(self, round_number: int) -> str:
+        """Filter for every update manifest and chunk of one round."""
+        return f"{self._base}/rounds/{_validate_index(round_number, what='round')}/updates/#"
+
+    def _update(self, round_number: int, agent: str) -> str:
+        number = _validate_index(round_number, what="round")
+        return f"{self._base}/rounds/{number}/updates/{validate_id(agent, what='agent id')}"
+
+    # parsing
+    def parse(self, topic: str) -> ParsedTopic:
+        """Name what a concrete topic of this fleet is, or raise :class:`TopicError`."""
+        if not isinstance(topic, str) or len(topic) > MAX_TOPIC_CHARS:
+            raise TopicError("topic is not a string of at most 1024 characters")
+        prefix = self._base + "/"
+        if not topic.startswith(prefix):
+            raise TopicError(f"topic {topic!r} is not under {self._base!r}")
+        levels = topic[len(prefix) :].split("/")
+        parsed = _parse_levels(levels)
+        if parsed is None:
+            raise TopicError(f"topic {topic!r} is not a fedge topic")
+        return parsed
+
+
+_AGENT_LEAVES = {
+    "status": TopicKind.AGENT_STATUS,
+    "commands": TopicKind.AGENT_COMMANDS,
+    "events": TopicKind.AGENT_EVENTS,
+    "results": TopicKind.AGENT_RESULTS,
+}
+_COORDINATOR_LEAVES = {
+    "status": TopicKind.COORDINATOR_STATUS,
+    "commands": TopicKind.COORDINATOR_COMMANDS,
+    "events": TopicKind.COORDINATOR_EVENTS,
+}
+
+
+def _parse_levels(levels: list[str]) -> ParsedTopic | None:  # noqa: PLR0911 - one return per shape
+    match levels:
+        case ["agents", agent, leaf] if leaf in _AGENT_LEAVES:
+            return ParsedTopic(_AGENT_LEAVES[leaf], agent=validate_id(agent, what="agent id"))
+        case ["cameras", camera, "frames"]:
+            return ParsedTopic(TopicKind.CAMERA_FRAMES, camera=validate_id(camera, what="camera"))
+        case ["coordinator", leaf] if leaf in _COORDINATOR_LEAVES:
+            return ParsedTopic(_COORDINATOR_LEAVES[leaf])
+        case ["rounds", "current"]:
+            return ParsedTopic(TopicKind.ROUND_CURRENT)
+        case ["models", version, "manifest"]:
+            return ParsedTopic(TopicKind.MODEL_MANIFEST, version=validate_id(version))
+        case ["models", version, "chunks", index]:
+            return ParsedTopic(
+                TopicKind.MODEL_CHUNK,
+                version=validate_id(version),
+                index=_parse_index(index, what="chunk index"),
+            )
+        case ["rounds", number, "updates", agent, "manifest"]:
+            return ParsedTopic(
+                TopicKind.UPDATE_MANIFEST,
+                round=_parse_index(number, what="round"),
+                agent=validate_id(agent, what="agent id"),
+            )
+        case ["rounds", number, "updates", agent, "chunks", index]:
+            return ParsedTopic(
+                TopicKind.UPDATE_CHUNK,
+                round=_parse_index(number, what="round"),
+                agent=validate_id(agent, what="agent id"),
+                index=_parse_index(index, what="chunk index"),
+            )
+    return None

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.errors import FedgeError, TopicError
+from protocol.topics import ParsedTopic, TopicKind, Topics, topic_matches, validate_filter
+
+TOPICS = Topics(root="site1/fedge", fleet="lab")
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        (TOPICS.agent_status("pi-1"), ParsedTopic(TopicKind.AGENT_STATUS, agent="pi-1")),
+        (TOPICS.agent_commands("pi-1"), ParsedTopic(TopicKind.AGENT_COMMANDS, agent="pi-1")),
+        (TOPICS.agent_events("pi-1"), ParsedTopic(TopicKind.AGENT_EVENTS, agent="pi-1")),
+        (TOPICS.agent_results("pi-1"), ParsedTopic(TopicKind.AGENT_RESULTS, agent="pi-1")),
+        (TOPICS.camera_frames("door"), ParsedTopic(TopicKind.CAMERA_FRAMES, camera="door")),
+        (TOPICS.coordinator_status(), ParsedTopic(TopicKind.COORDINATOR_STATUS)),
+        (TOPICS.coordinator_commands(), ParsedTopic(TopicKind.COORDINATOR_COMMANDS)),
+        (TOPICS.coordinator_events(), ParsedTopic(TopicKind.COORDINATOR_EVENTS)),
+        (TOPICS.round_current(), ParsedTopic(TopicKind.ROUND_CURRENT)),
+        (TOPICS.model_manifest("v3"), ParsedTopic(TopicKind.MODEL_MANIFEST, version="v3")),
+        (
+            TOPICS.model_chunk("v3", 17),
+            ParsedTopic(TopicKind.MODEL_CHUNK, version="v3", index=17),
+        ),
+        (
+            TOPICS.update_manifest(4, "pi-1"),
+            ParsedTopic(TopicKind.UPDATE_MANIFEST, round=4, agent="pi-1"),
+        ),
+        (
+            TOPICS.update_chunk(4, "pi-1", 0),
+            ParsedTopic(TopicKind.UPDATE_CHUNK, round=4, agent="pi-1", index=0),
+        ),
+    ],
+)
+def test_every_topic_round_trips_through_parse(topic: str, expected: ParsedTopic) -> None:
+    assert topic.startswith("site1/fedge/lab/")
+    assert TOPICS.parse(topic) == expected
+
+
+def test_topic_layout_is_the_documented_one() -> None:
+    topics = Topics()
+    assert topics.agent_status("a") == "fedge/default/agents/a/status"
+    assert topics.all_camera_frames() == "fedge/default/cameras/+/frames"
+    assert topics.model_chunk("v1", 2) == "fedge/default/models/v1/chunks/2"
+    assert topics.update_chunk(3, "a", 5) == "fedge/default/rounds/3/updates/a/chunks/5"
+    assert topics.round_updates(3) == "fedge/default/rounds/3/updates/#"
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "a+b", "a#", "+", "#", "x" * 65, "..", "a b", "é"])
+def test_ids_that_would_break_a_topic_are_refused(bad: str) -> None:
+    with pytest.raises(TopicError):
+        TOPICS.agent_status(bad)
+    with pytest.raises(TopicError):
+        Topics(fleet=bad)
+
+
+@pytest.mark.parametrize("index", [-1, 10**9 + 1, True])
+def test_bad_indexes_are_refused(index: int) -> None:
+    with pytest.raises(TopicError):
+        TOPICS.model_chunk("v1", index)
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "other/lab/agents/a/status",
+        "site1/fedge/lab/agents/a/unknown",
+        "site1/fedge/lab/models/v1/chunks/01",
+        "site1/fedge/lab/models/v1/chunks/-1",
+        "site1/fedge/lab/rounds/x/updates/a/manifest",
+        "site1/fedge/lab/agents/+/status",
+        "site1/fedge/lab",
+    ],
+)
+def test_foreign_topics_do_not_parse(topic: str) -> None:
+    with pytest.raises(TopicError):
+        TOPICS.parse(topic)
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "topic", "matches"),
+    [
+        ("a/+/c", "a/b/c", True),
+        ("a/+/c", "a/b/d", False),
+        ("a/#", "a", True),
+        ("a/#", "a/b/c", True),
+        ("+/#", "$SYS/x", False),
+        ("a/b", "a/b/c", False),
+        ("a/b/c", "a/b", False),
+        (TOPICS.all_camera_frames(), TOPICS.camera_frames("door"), True),
+        (TOPICS.model_chunks("v1"), TOPICS.model_chunk("v1", 9), True),
+        (TOPICS.model_chunks("v1"), TOPICS.model_chunk("v2", 9), False),
+        (TOPICS.round_updates(2), TOPICS.update_chunk(2, "a", 1), True),
+    ],
+)
+def test_topic_matches(topic_filter: str, topic: str, *, matches: bool) -> None:
+    assert topic_matches(topic_filter, topic) is matches
+
+
+@pytest.mark.parametrize("bad", ["", "a/#/b", "a/b#", "a+/b", "a/\x00"])
+def test_bad_filters_are_refused(bad: str) -> None:
+    with pytest.raises(TopicError):
+        validate_filter(bad)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(max_size=200))
+def test_parse_of_random_text_raises_only_fedge_errors(text: str) -> None:
+    try:
+        parsed = TOPICS.parse(text)
+    except FedgeError:
+        return
+    assert isinstance(parsed, ParsedTopic)

@@ -1,0 +1,71 @@
+"""The `fedge` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from jsonschema import Draft202012Validator
+
+from fedge.cli import cli
+from protocol.errors import SignatureError
+from protocol.messages.codec import MESSAGE_TYPES
+from protocol.signing import load_signing_key, load_verify_key
+
+
+def test_protocol_schema_prints_valid_json_schema_for_every_kind() -> None:
+    result = CliRunner().invoke(cli, ["protocol", "schema"])
+    assert result.exit_code == 0, result.output
+    schema = json.loads(result.output)
+    Draft202012Validator.check_schema(schema)
+    kinds = {
+        d["properties"]["kind"]["const"]
+        for d in schema["$defs"].values()
+        if "const" in d.get("properties", {}).get("kind", {})
+    }
+    assert {t.model_fields["kind"].default for t in MESSAGE_TYPES} <= kinds
+
+
+def test_protocol_schema_of_one_kind() -> None:
+    result = CliRunner().invoke(cli, ["protocol", "schema", "--kind", "ping"])
+    assert result.exit_code == 0, result.output
+    schema = json.loads(result.output)
+    Draft202012Validator.check_schema(schema)
+    Draft202012Validator(schema).validate({"kind": "ping", "command_id": "x"})
+
+
+def test_unknown_kind_is_a_clear_error() -> None:
+    result = CliRunner().invoke(cli, ["protocol", "schema", "--kind", "nope"])
+    assert result.exit_code == 2
+    assert "unknown kind" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_keys_generate_writes_a_usable_pair_with_safe_permissions(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli, ["keys", "generate", "--out", str(tmp_path / "k")])
+    assert result.exit_code == 0, result.output
+    private, public = tmp_path / "k" / "fedge.key", tmp_path / "k" / "fedge.pub"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    signing, verify = load_signing_key(private), load_verify_key(public)
+    signed = signing.sign('{"kind": "ping", "command_id": "x"}')
+    assert verify.verify(signed) == '{"kind": "ping", "command_id": "x"}'
+    tampered = signed.model_copy(update={"body": signed.body.replace("x", "y")})
+    with pytest.raises(SignatureError):
+        verify.verify(tampered)
+    again = runner.invoke(cli, ["keys", "generate", "--out", str(tmp_path / "k")])
+    assert again.exit_code == 2
+    assert "Traceback" not in again.output
+
+
+def test_console_script_runs_with_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fedge", "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Examples" in result.stdout
