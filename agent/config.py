@@ -1,0 +1,139 @@
+"""Agent settings: defaults, then a TOML file, then ``FEDGE_*`` environment variables.
+
+Every option has a default that works on a fresh Pi next to a broker on localhost.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from protocol.errors import ConfigError, TopicError
+from protocol.frames import DEFAULT_MAX_FRAME_BYTES
+from protocol.topics import DEFAULT_FLEET, DEFAULT_ROOT, Topics, validate_filter, validate_id
+
+__all__ = ["AgentConfig", "load_agent_config"]
+
+
+def _default_agent_id() -> str:
+    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())
+    return (name or "agent")[:64]
+
+
+class AgentConfig(BaseSettings):
+    """Everything an agent can be told. Field names double as TOML keys and env names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FEDGE_", extra="forbid", frozen=True, env_nested_delimiter="__"
+    )
+
+    # broker
+    broker_url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # identity and topics
+    agent_id: Annotated[str, Field(default_factory=_default_agent_id)]
+    fleet: str = DEFAULT_FLEET
+    topic_root: str = DEFAULT_ROOT
+    frame_topics: tuple[str, ...] = ()  # empty: the fleet's camera topics
+    # model and inference
+    model_path: Path | None = None
+    labels_path: Path | None = None
+    preprocess_path: Path | None = None
+    model_version: str = "local"
+    runtime: Literal["auto", "litert", "tflite_runtime", "tensorflow"] = "auto"
+    num_threads: Annotated[int, Field(ge=1, le=64)] = 1
+    max_fps: Annotated[float, Field(gt=0.0, le=1000.0)] | None = None
+    top_k: Annotated[int, Field(ge=1, le=100)] = 3
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    # frames and cleaning
+    max_frame_bytes: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_FRAME_BYTES
+    reject_duplicates: bool = False
+    duplicate_window_s: Annotated[float, Field(ge=0.0)] = 2.0
+    recent_frames: Annotated[int, Field(ge=1, le=10_000)] = 64
+    # storage
+    data_dir: Path = Path("fedge-data")
+    outbox_max_rows: Annotated[int, Field(ge=10)] = 10_000
+    reliable_results: bool = True
+    store_max_per_class: Annotated[int, Field(ge=1)] = 500
+    status_interval_s: Annotated[float, Field(gt=0.0)] = 30.0
+
+    @field_validator("agent_id", "fleet")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        try:
+            return validate_id(value)
+        except TopicError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @field_validator("frame_topics")
+    @classmethod
+    def _valid_filters(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            return tuple(validate_filter(topic_filter) for topic_filter in value)
+        except TopicError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file; explicit arguments (the CLI's) beat both. No .env
+        # files and no secrets directory: an agent's settings live in one visible place.
+        del dotenv_settings, file_secret_settings
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(root=self.topic_root, fleet=self.fleet)
+
+    @property
+    def effective_frame_topics(self) -> tuple[str, ...]:
+        return self.frame_topics or (self.topics.all_camera_frames(),)
+
+    def redacted(self) -> dict[str, Any]:
+        values = self.model_dump(mode="json")
+        if values.get("password"):
+            values["password"] = "***"  # noqa: S105 - the mask, not a password
+        return values
+
+
+def load_agent_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
+    """Read the TOML file (if any) and the environment; raise ConfigError naming what is wrong."""
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    settings_type: type[AgentConfig] = AgentConfig
+    if path is not None:
+        # A subclass per file: pydantic-settings reads the TOML path from the model config.
+        settings_type = type(
+            "AgentConfig",
+            (AgentConfig,),
+            {"model_config": {**AgentConfig.model_config, "toml_file": path}},
+        )
+    try:
+        return settings_type(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'config'}: {error['msg']}"
+            for error in exc.errors(include_input=False)
+        )
+        raise ConfigError(f"invalid agent config: {problems}") from exc
+    except ValueError as exc:  # TOML syntax errors
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc

@@ -1,0 +1,476 @@
+"""The edge agent daemon: wires the MQTT link, intake, pipeline, outbox, commands and store.
+
+Threads: paho's network thread only sorts incoming messages (frames to the intake,
+commands to a queue); one inference worker takes the latest frame per source; one command
+worker answers commands. Everything that must arrive goes through the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+
+from agent.cleaning import CleaningPolicy, FrameCleaner
+from agent.config import AgentConfig
+from agent.intake import FrameIntake, PendingFrame
+from agent.model import ServingModel, load_serving_model
+from agent.outbox import Outbox
+from agent.pipeline import FrameProcessor, InferenceOptions
+from agent.store import SampleStore
+from fedge import __version__
+from fedge.mqtt import MqttLink, Will, parse_broker_url
+from protocol.errors import FedgeError, MessageError, TopicError
+from protocol.messages.agent import (
+    AgentState,
+    AgentStatus,
+    Capabilities,
+    CommandAck,
+    ErrorEvent,
+    FrameCounters,
+)
+from protocol.messages.base import Message
+from protocol.messages.codec import decode_message, encode_message
+from protocol.messages.commands import (
+    LabelFrame,
+    LoadModel,
+    Ping,
+    RequestStatus,
+    SetOptions,
+)
+from protocol.topics import TopicKind, topic_matches
+
+__all__ = ["Agent"]
+
+logger = logging.getLogger(__name__)
+
+COMMAND_TYPES = (Ping, RequestStatus, LoadModel, SetOptions, LabelFrame)
+MAX_COMMAND_BYTES = 64 * 1024
+MAX_PENDING_COMMANDS = 256
+WORKER_POLL_S = 0.2
+
+CommandDetail = dict[str, str | int | float | bool | None]
+CONNECT_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class _RecentFrame:
+    source: str
+    image: bytes
+
+
+class Agent:
+    """One agent process. ``start()`` returns at once; ``stop()`` ends every thread."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.topics = config.topics
+        data_dir = config.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(data_dir / "outbox.sqlite", max_rows=config.outbox_max_rows)
+        self.store = SampleStore(data_dir / "samples", max_per_class=config.store_max_per_class)
+        self.intake = FrameIntake(max_fps=config.max_fps)
+        cleaner = None
+        if config.reject_duplicates:
+            cleaner = FrameCleaner(CleaningPolicy(duplicate_window_s=config.duplicate_window_s))
+        self.processor = FrameProcessor(
+            agent_id=config.agent_id, cleaner=cleaner, max_frame_bytes=config.max_frame_bytes
+        )
+        self.options = InferenceOptions(top_k=config.top_k, threshold=config.threshold)
+        self.serving: ServingModel | None = None
+        if config.model_path is not None:
+            self.serving = load_serving_model(
+                config.model_path,
+                version=config.model_version,
+                labels_path=config.labels_path,
+                preprocess_path=config.preprocess_path,
+                num_threads=config.num_threads,
+                runtime=None if config.runtime == "auto" else config.runtime,
+            )
+        self._recent: OrderedDict[str, _RecentFrame] = OrderedDict()
+        self._recent_lock = threading.Lock()
+        self._commands: queue.Queue[tuple[str, bytes]] = queue.Queue(MAX_PENDING_COMMANDS)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._in_flight: set[int] = set()
+        self._in_flight_lock = threading.Lock()
+        self.errors_emitted = 0
+        address = parse_broker_url(
+            config.broker_url,
+            username=config.username,
+            password=config.password,
+            ca_file=config.ca_file,
+            cert_file=config.cert_file,
+            key_file=config.key_file,
+        )
+        offline = AgentStatus(agent=config.agent_id, state=AgentState.OFFLINE, timestamp=0.0)
+        self.link = MqttLink(
+            address,
+            client_id=f"fedge-agent-{config.agent_id}",
+            on_message=self._route,
+            on_connected=self._on_connected,
+            will=Will(self.topics.agent_status(config.agent_id), encode_message(offline)),
+        )
+        self._command_topic = self.topics.agent_commands(config.agent_id)
+        self._frame_filters = config.effective_frame_topics
+
+    # lifecycle
+    def start(self, *, wait_connected_s: float | None = None) -> None:
+        for topic_filter in self._frame_filters:
+            self.link.subscribe(topic_filter, qos=0)
+        self.link.subscribe(self._command_topic, qos=1)
+        # Whatever a previous run left unacknowledged goes out first.
+        for item in self.outbox.pending():
+            self._send(item.row_id, item.topic, item.payload, retain=item.retain)
+        self._spawn(self._inference_worker, "inference")
+        self._spawn(self._command_worker, "commands")
+        self._spawn(self._status_ticker, "status")
+        self.link.start()
+        if wait_connected_s is not None:
+            self.link.wait_connected(wait_connected_s)
+        logger.info(
+            "agent %s serving %s on %s",
+            self.config.agent_id,
+            self.serving.version if self.serving else "no model",
+            ", ".join(self._frame_filters),
+        )
+
+    def stop(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.intake.close()
+        if self.link.is_connected:
+            offline = self._status(AgentState.OFFLINE)
+            done = threading.Event()
+            self.link.publish(
+                self.topics.agent_status(self.config.agent_id),
+                encode_message(offline),
+                retain=True,
+                on_ack=done.set,
+            )
+            done.wait(2.0)
+        for thread in self._threads:
+            thread.join(5.0)
+        self.link.stop()
+        self.outbox.close()
+        self.store.close()
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            self._stopping.wait()
+        finally:
+            self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+        self.intake.close()
+
+    # incoming (network thread: sort only)
+    def _route(self, topic: str, payload: bytes) -> None:
+        if topic == self._command_topic:
+            try:
+                self._commands.put_nowait((topic, payload))
+            except queue.Full:
+                self._emit_error("busy", "too many pending commands; command dropped", topic)
+            return
+        if any(topic_matches(f, topic) for f in self._frame_filters):
+            self.intake.offer(
+                PendingFrame(
+                    source=self._source_of(topic),
+                    topic=topic,
+                    payload=payload,
+                    received_at=time.time(),
+                )
+            )
+
+    def _source_of(self, topic: str) -> str:
+        try:
+            parsed = self.topics.parse(topic)
+        except TopicError:
+            parsed = None
+        if parsed is not None and parsed.kind is TopicKind.CAMERA_FRAMES and parsed.camera:
+            return parsed.camera
+        # A frame topic outside the fleet layout: the level before the last names it.
+        levels = [level for level in topic.split("/") if level]
+        candidate = levels[-2] if len(levels) >= 2 else (levels[-1] if levels else "camera")
+        cleaned = "".join(c if c.isalnum() or c in "_.-" else "_" for c in candidate)[:64]
+        return cleaned or "camera"
+
+    def _on_connected(self, _session_present: bool) -> None:
+        self._publish_status()
+
+    # inference
+    def _inference_worker(self) -> None:
+        while not self._stopping.is_set():
+            frame = self.intake.take(WORKER_POLL_S)
+            if frame is None:
+                continue
+            serving = self.serving  # one read: a hot swap never splits a frame
+            if serving is None:
+                self.intake.counts.rejected += 1
+                self._emit_error("no_model", "no model loaded; frame skipped", frame.topic)
+                continue
+            try:
+                outcome = self.processor.process(frame, serving, self.options)
+            except FedgeError as exc:
+                self.intake.counts.rejected += 1
+                self._emit_error(exc.reason, str(exc), frame.topic)
+                continue
+            except Exception as exc:
+                self.intake.counts.rejected += 1
+                logger.exception("frame from %s failed", frame.topic)
+                self._emit_error("internal", f"frame failed: {exc}", frame.topic)
+                continue
+            self.intake.counts.processed += 1
+            self._remember(outcome.meta.frame_id or "", frame.source, outcome.image)
+            if outcome.meta.label is not None:
+                self._store_sample(outcome.image, outcome.meta.label, frame.source)
+            self._publish(
+                self.topics.agent_results(self.config.agent_id),
+                encode_message(outcome.result),
+                droppable=True,
+                reliable=self.config.reliable_results,
+            )
+
+    def _remember(self, frame_id: str, source: str, image: bytes) -> None:
+        with self._recent_lock:
+            self._recent[frame_id] = _RecentFrame(source, image)
+            self._recent.move_to_end(frame_id)
+            while len(self._recent) > self.config.recent_frames:
+                self._recent.popitem(last=False)
+
+    def _store_sample(self, image: bytes, label: str, source: str) -> str | None:
+        """Add a labelled sample; return the rejection reason, if any (also as an event)."""
+        try:
+            added = self.store.add(image, label=label, source=source)
+        except FedgeError as exc:
+            self._emit_error(exc.reason, f"sample not stored: {exc}")
+            return exc.reason
+        if not added.stored:
+            reason = added.reason or "rejected"
+            self._emit_error(reason, f"sample with label {label!r} not stored: {reason}")
+            return reason
+        return None
+
+    # commands
+    def _command_worker(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                topic, payload = self._commands.get(timeout=WORKER_POLL_S)
+            except queue.Empty:
+                continue
+            self._handle_command(topic, payload)
+
+    def _handle_command(self, topic: str, payload: bytes) -> None:
+        try:
+            command = decode_message(payload, COMMAND_TYPES, max_bytes=MAX_COMMAND_BYTES)
+        except MessageError as exc:
+            self._emit_error(exc.reason, f"command refused: {exc}", topic)
+            return
+        handler = self._handlers[type(command)]
+        try:
+            detail = handler(self, command)
+        except FedgeError as exc:
+            self._ack(command, ok=False, reason=exc.reason, message=str(exc))
+            return
+        except Exception as exc:
+            logger.exception("command %s failed", command.kind)  # type: ignore[attr-defined]
+            self._ack(command, ok=False, reason="internal", message=str(exc))
+            return
+        self._ack(command, ok=True, detail=detail)
+
+    def _ack(
+        self,
+        command: Message,
+        *,
+        ok: bool,
+        reason: str | None = None,
+        message: str | None = None,
+        detail: CommandDetail | None = None,
+    ) -> None:
+        ack = CommandAck(
+            command_id=command.command_id,  # type: ignore[attr-defined]
+            command=command.kind,  # type: ignore[attr-defined]
+            ok=ok,
+            reason=reason,
+            message=message[:1024] if message else None,
+            detail=detail or {},
+        )
+        self._publish(self.topics.agent_events(self.config.agent_id), encode_message(ack))
+
+    def _on_ping(self, _command: Ping) -> CommandDetail:
+        return {"pong": True, "agent": self.config.agent_id}
+
+    def _on_status(self, _command: RequestStatus) -> CommandDetail:
+        self._publish_status()
+        counts = self.intake.counts
+        return {
+            "model_version": self.serving.version if self.serving else None,
+            "received": counts.received,
+            "processed": counts.processed,
+            "dropped_stale": counts.dropped_stale,
+            "dropped_rate": counts.dropped_rate,
+            "rejected": counts.rejected,
+            "outbox": len(self.outbox),
+            "outbox_dropped": self.outbox.dropped,
+            "samples": sum(self.store.counts().values()),
+        }
+
+    def _on_load_model(self, command: LoadModel) -> CommandDetail:
+        if command.path is None:
+            raise FedgeError(
+                "load_model needs a path on the agent (fleet versions arrive with rounds)",
+                reason="bad_command",
+            )
+        path = Path(command.path)
+        serving = load_serving_model(
+            path,
+            version=command.version or path.stem,
+            labels_path=Path(command.labels_path) if command.labels_path else None,
+            preprocess_path=_sibling(path, "preprocess.json"),
+            num_threads=self.config.num_threads,
+            runtime=None if self.config.runtime == "auto" else self.config.runtime,
+        )
+        previous = self.serving.version if self.serving else None
+        self.serving = serving  # the swap: the worker picks it up with its next frame
+        self._publish_status()
+        return {"model_version": serving.version, "previous": previous}
+
+    def _on_set_options(self, command: SetOptions) -> CommandDetail:
+        changes: dict[str, int | float] = {}
+        if command.top_k is not None:
+            changes["top_k"] = command.top_k
+        if command.threshold is not None:
+            changes["threshold"] = command.threshold
+        self.options = replace(self.options, **changes)  # type: ignore[arg-type]
+        if command.max_fps is not None:
+            self.intake.set_max_fps(command.max_fps)
+        return {
+            "top_k": self.options.top_k,
+            "threshold": self.options.threshold,
+            "max_fps": self.intake.max_fps,
+        }
+
+    def _on_label(self, command: LabelFrame) -> CommandDetail:
+        with self._recent_lock:
+            recent = self._recent.get(command.frame_id)
+        if recent is None or (command.source is not None and command.source != recent.source):
+            raise FedgeError(
+                f"frame {command.frame_id!r} is not among the last "
+                f"{self.config.recent_frames} frames",
+                reason="unknown_frame",
+            )
+        reason = self._store_sample(recent.image, command.label, recent.source)
+        if reason is not None:
+            raise FedgeError(f"sample not stored: {reason}", reason=reason)
+        self._publish_status()
+        return {"frame_id": command.frame_id, "label": command.label}
+
+    _handlers: ClassVar[dict[type[Message], Callable[..., CommandDetail]]] = {
+        Ping: _on_ping,
+        RequestStatus: _on_status,
+        LoadModel: _on_load_model,
+        SetOptions: _on_set_options,
+        LabelFrame: _on_label,
+    }
+
+    # outgoing
+    def _status(self, state: AgentState) -> AgentStatus:
+        counts = self.intake.counts
+        return AgentStatus(
+            agent=self.config.agent_id,
+            state=state,
+            timestamp=time.time(),
+            capabilities=Capabilities(
+                runtime=self._runtime_name(),
+                can_train=False,
+                agent_version=__version__,
+                model_version=self.serving.version if self.serving else None,
+            ),
+            samples_by_label=self.store.counts(),
+            frames=FrameCounters(
+                received=counts.received,
+                processed=counts.processed,
+                dropped_stale=counts.dropped_stale,
+                dropped_rate=counts.dropped_rate,
+                rejected=counts.rejected,
+            ),
+        )
+
+    def _runtime_name(self) -> str:
+        if self.serving is None:
+            return "none"
+        runtime = self.serving.model.runtime
+        return f"{runtime.name} {runtime.version}"
+
+    def _publish_status(self) -> None:
+        if self._stopping.is_set():
+            return
+        status = self._status(AgentState.ONLINE)
+        # Status is retained state, not an event: the newest wins, so no outbox row.
+        self.link.publish(
+            self.topics.agent_status(self.config.agent_id), encode_message(status), retain=True
+        )
+
+    def _status_ticker(self) -> None:
+        while not self._stopping.wait(self.config.status_interval_s):
+            if self.link.is_connected:
+                self._publish_status()
+
+    def _emit_error(
+        self, reason: str, message: str, topic: str | None = None, frame_id: str | None = None
+    ) -> None:
+        self.errors_emitted += 1
+        event = ErrorEvent(
+            reason=reason[:1024],
+            message=message[:1024],
+            topic=topic[:1024] if topic else None,
+            frame_id=frame_id,
+            timestamp=time.time(),
+        )
+        logger.info("error event %s: %s", reason, message)
+        self._publish(self.topics.agent_events(self.config.agent_id), encode_message(event))
+
+    def _publish(
+        self, topic: str, payload: bytes, *, droppable: bool = False, reliable: bool = True
+    ) -> None:
+        if not reliable:
+            self.link.publish(topic, payload, qos=1)
+            return
+        item = self.outbox.put(topic, payload, droppable=droppable)
+        self._send(item.row_id, topic, payload, retain=False)
+
+    def _send(self, row_id: int, topic: str, payload: bytes, *, retain: bool) -> None:
+        with self._in_flight_lock:
+            if row_id in self._in_flight:
+                return
+            self._in_flight.add(row_id)
+
+        def acked() -> None:
+            self.outbox.ack(row_id)
+            with self._in_flight_lock:
+                self._in_flight.discard(row_id)
+
+        self.link.publish(topic, payload, qos=1, retain=retain, on_ack=acked)
+
+    def _spawn(self, target: object, name: str) -> None:
+        thread = threading.Thread(
+            target=target,  # type: ignore[arg-type]
+            name=f"agent-{name}",
+            daemon=True,
+        )
+        thread.start()
+        self._threads.append(thread)
+
+
+def _sibling(path: Path, name: str) -> Path | None:
+    candidate = path.with_name(name)
+    return candidate if candidate.is_file() else None
