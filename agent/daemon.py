@@ -215,21 +215,20 @@ class Agent:
                 continue
             serving = self.serving  # one read: a hot swap never splits a frame
             if serving is None:
-                self.intake.counts.rejected += 1
+                self.intake.finish(processed=False)
                 self._emit_error("no_model", "no model loaded; frame skipped", frame.topic)
                 continue
             try:
                 outcome = self.processor.process(frame, serving, self.options)
             except FedgeError as exc:
-                self.intake.counts.rejected += 1
+                self.intake.finish(processed=False)
                 self._emit_error(exc.reason, str(exc), frame.topic)
                 continue
             except Exception as exc:
-                self.intake.counts.rejected += 1
+                self.intake.finish(processed=False)
                 logger.exception("frame from %s failed", frame.topic)
                 self._emit_error("internal", f"frame failed: {exc}", frame.topic)
                 continue
-            self.intake.counts.processed += 1
             self._remember(outcome.meta.frame_id or "", frame.source, outcome.image)
             if outcome.meta.label is not None:
                 self._store_sample(outcome.image, outcome.meta.label, frame.source)
@@ -239,6 +238,7 @@ class Agent:
                 droppable=True,
                 reliable=self.config.reliable_results,
             )
+            self.intake.finish(processed=True)  # counted once the result is queued
 
     def _remember(self, frame_id: str, source: str, image: bytes) -> None:
         with self._recent_lock:

@@ -48,7 +48,7 @@ class FrameIntake:
         self._max_fps = max_fps
         self._monotonic = monotonic
         self._pending: OrderedDict[str, PendingFrame] = OrderedDict()
-        self._last_accepted: dict[str, float] = {}
+        self._last_accepted: OrderedDict[str, float] = OrderedDict()
         self._condition = threading.Condition()
         self._closed = False
 
@@ -76,8 +76,9 @@ class FrameIntake:
                 return
             self._pending[frame.source] = frame
             self._last_accepted[frame.source] = now
+            self._last_accepted.move_to_end(frame.source)
             if len(self._last_accepted) > MAX_SOURCES:
-                self._last_accepted.pop(next(iter(self._last_accepted)))
+                self._last_accepted.popitem(last=False)
             self._condition.notify()
 
     def take(self, timeout_s: float) -> PendingFrame | None:
@@ -89,6 +90,14 @@ class FrameIntake:
                 return None
             _, frame = self._pending.popitem(last=False)
             return frame
+
+    def finish(self, *, processed: bool) -> None:
+        """Count a taken frame as processed or rejected (under the lock, so counts add up)."""
+        with self._condition:
+            if processed:
+                self.counts.processed += 1
+            else:
+                self.counts.rejected += 1
 
     def close(self) -> None:
         with self._condition:

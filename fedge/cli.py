@@ -27,7 +27,7 @@ class _FedgeGroup(click.Group):
         try:
             return super().invoke(ctx)
         except FedgeError as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise SystemExit(2) from exc
 
 
@@ -268,6 +268,15 @@ def agent_import(config_path: Path | None, folder: Path) -> None:
         f"skipped {report.skipped} non-image files"
     )
     console.print("store now holds: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+
+
+def _register_camera() -> None:
+    from fedge.camera import camera_command
+
+    cli.add_command(camera_command)
+
+
+_register_camera()
 
 
 def main() -> None:

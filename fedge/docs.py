@@ -42,8 +42,8 @@ def _topic_rows() -> list[tuple[str, str, str]]:
         (t.coordinator_commands(), "operator", "`start_rounds`, `stop_rounds`, `ping`, `status`"),
         (t.coordinator_events(), "coordinator", "`command_ack` and `error` events"),
         (t.round_current(), "coordinator", "retained `signed` `round_announcement`"),
-        (t.model_manifest("VERSION"), "coordinator", "retained `signed` `blob_manifest`"),
-        (t.model_chunk("VERSION", _INDEX), "coordinator", "retained bundle chunk (binary)"),
+        (t.model_manifest("VERSION"), "coordinator", "retained `signed` `model_release`"),
+        (t.blob_chunk("SHA", _INDEX), "coordinator", "retained chunk of a content-addressed blob"),
         (t.update_manifest(_ROUND, "AGENT"), "agent", "`update_complete`"),
         (t.update_chunk(_ROUND, "AGENT", _INDEX), "agent", "update chunk (binary)"),
     ]
@@ -79,7 +79,27 @@ def chunking_facts() -> str:
     )
 
 
-SECTIONS = {"topics": topic_table, "messages": message_table, "chunking": chunking_facts}
+def agent_config_table() -> str:
+    from agent.config import AgentConfig
+
+    lines = ["| key (TOML) | environment | default |", "| --- | --- | --- |"]
+    for name, field in AgentConfig.model_fields.items():
+        if field.default_factory is not None:
+            default = "host name" if name == "agent_id" else "computed"
+        elif field.default is None or field.default == ():
+            default = "unset"
+        else:
+            default = f"`{field.default}`"
+        lines.append(f"| `{name}` | `FEDGE_{name.upper()}` | {default} |")
+    return "\n".join(lines)
+
+
+SECTIONS = {
+    "topics": topic_table,
+    "messages": message_table,
+    "chunking": chunking_facts,
+    "agent-config": agent_config_table,
+}
 
 
 def _replacer(render: Callable[[], str]) -> Callable[[re.Match[str]], str]:

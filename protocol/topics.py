@@ -11,8 +11,8 @@ Layout under a configurable root (default ``fedge``) and a fleet name::
     <root>/<fleet>/coordinator/commands
     <root>/<fleet>/coordinator/events
     <root>/<fleet>/rounds/current                         retained, signed announcement
-    <root>/<fleet>/models/<version>/manifest              retained while current
-    <root>/<fleet>/models/<version>/chunks/<index>        retained while current
+    <root>/<fleet>/models/<version>/manifest              retained signed release
+    <root>/<fleet>/blobs/<sha256>/chunks/<index>          retained while referenced
     <root>/<fleet>/rounds/<round>/updates/<agent>/manifest
     <root>/<fleet>/rounds/<round>/updates/<agent>/chunks/<index>
 
@@ -63,6 +63,7 @@ class TopicKind(StrEnum):
     ROUND_CURRENT = "round_current"
     MODEL_MANIFEST = "model_manifest"
     MODEL_CHUNK = "model_chunk"
+    BLOB_CHUNK = "blob_chunk"
     UPDATE_MANIFEST = "update_manifest"
     UPDATE_CHUNK = "update_chunk"
 
@@ -204,6 +205,11 @@ class Topics:
         """Filter for every chunk of one model version."""
         return f"{self._model(version)}/chunks/+"
 
+    def blob_chunk(self, sha256: str, index: int) -> str:
+        """A chunk of a content-addressed blob (model weights, .tflite files)."""
+        digest = validate_id(sha256, what="blob hash")
+        return f"{self._base}/blobs/{digest}/chunks/{_validate_index(index, what='chunk index')}"
+
     def _model(self, version: str) -> str:
         return f"{self._base}/models/{validate_id(version, what='model version')}"
 
@@ -258,6 +264,12 @@ def _parse_levels(levels: list[str]) -> ParsedTopic | None:  # noqa: PLR0911 - o
             return ParsedTopic(TopicKind.CAMERA_FRAMES, camera=validate_id(camera, what="camera"))
         case ["coordinator", leaf] if leaf in _COORDINATOR_LEAVES:
             return ParsedTopic(_COORDINATOR_LEAVES[leaf])
+        case ["blobs", digest, "chunks", index]:
+            return ParsedTopic(
+                TopicKind.BLOB_CHUNK,
+                version=validate_id(digest, what="blob hash"),
+                index=_parse_index(index, what="chunk index"),
+            )
         case ["rounds", "current"]:
             return ParsedTopic(TopicKind.ROUND_CURRENT)
         case ["models", version, "manifest"]:

@@ -26,7 +26,9 @@ from protocol.messages.commands import (
     StopRounds,
 )
 from protocol.messages.rounds import (
+    BlobRef,
     CoordinatorStatus,
+    ModelRelease,
     RoundAnnouncement,
     RoundConfig,
     UpdateComplete,
@@ -61,6 +63,8 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     StopRounds,
     RoundConfig,
     RoundAnnouncement,
+    ModelRelease,
+    BlobRef,
     UpdateComplete,
     CoordinatorStatus,
     BlobManifest,
@@ -83,6 +87,8 @@ AnyMessage = Annotated[
     | StopRounds
     | RoundConfig
     | RoundAnnouncement
+    | ModelRelease
+    | BlobRef
     | UpdateComplete
     | CoordinatorStatus
     | BlobManifest

@@ -8,10 +8,14 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from protocol.messages.base import Id, Message, NonNegativeFloat, ShortText
+from protocol.preprocess import PreprocessSpec
 
 __all__ = [
+    "BlobRef",
     "CoordinatorState",
     "CoordinatorStatus",
+    "ModelMetrics",
+    "ModelRelease",
     "RoundAnnouncement",
     "RoundConfig",
     "UpdateComplete",
@@ -29,6 +33,47 @@ class UpdateEncoding(StrEnum):
     INT8 = "int8"
 
 
+class BlobRef(Message):
+    """Where a content-addressed blob lives: its chunks are on the blob's own topics."""
+
+    kind: Literal["blob_ref"] = "blob_ref"
+    sha256: Sha256Hex
+    size_bytes: Count
+    chunk_count: Count
+    chunk_bytes: Annotated[int, Field(ge=1)]
+    content_type: ShortText = "application/octet-stream"
+
+
+class ModelMetrics(Message):
+    kind: Literal["model_metrics"] = "model_metrics"
+    accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    loss: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    evaluated_on: Count = 0
+
+
+class ModelRelease(Message):
+    """One model version: the blobs an agent needs, signed by the coordinator.
+
+    ``weights`` changes every round; ``trainable`` (the trainable .tflite, whose ``infer``
+    signature also serves inference) and the inference files change only with the
+    architecture, so an agent downloads them once and keeps them by hash.
+    """
+
+    kind: Literal["model_release"] = "model_release"
+    version: Id
+    model_name: Id
+    round: RoundNumber
+    weights: BlobRef
+    trainable: BlobRef
+    inference: BlobRef | None = None
+    inference_int8: BlobRef | None = None
+    labels: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...]
+    preprocess: PreprocessSpec
+    train_batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
+    metrics: ModelMetrics | None = None
+    created_at: NonNegativeFloat = 0.0
+
+
 class RoundConfig(Message):
     """How agents train in one round."""
 
@@ -38,6 +83,7 @@ class RoundConfig(Message):
     learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 0.05
     proximal_mu: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     update_encoding: UpdateEncoding = UpdateEncoding.FLOAT32
+    augment: bool = False
     seed: Count = 0
 
 
@@ -46,9 +92,7 @@ class RoundAnnouncement(Message):
 
     kind: Literal["round_announcement"] = "round_announcement"
     round: RoundNumber
-    model_version: Id
-    bundle_sha256: Sha256Hex
-    bundle_size_bytes: Count
+    release: ModelRelease
     selected: tuple[Id, ...]
     config: RoundConfig
     deadline_at: NonNegativeFloat

@@ -23,11 +23,15 @@ from protocol.messages.base import Message
 from protocol.messages.codec import MESSAGE_TYPES, decode_message, encode_message, message_schema
 from protocol.messages.commands import LabelFrame, Ping, SetOptions, StartRounds
 from protocol.messages.rounds import (
+    BlobRef,
+    ModelMetrics,
+    ModelRelease,
     RoundAnnouncement,
     RoundConfig,
     UpdateComplete,
     UpdateEncoding,
 )
+from protocol.preprocess import ColorOrder, PreprocessSpec
 
 SHA = "ab" * 32
 
@@ -56,9 +60,16 @@ EXAMPLES: list[Message] = [
     StartRounds(command_id="c4", rounds=3, min_agents=2, deadline_s=30.0),
     RoundAnnouncement(
         round=1,
-        model_version="v1",
-        bundle_sha256=SHA,
-        bundle_size_bytes=10,
+        release=ModelRelease(
+            version="r1",
+            model_name="digits_cnn",
+            round=1,
+            weights=BlobRef(sha256=SHA, size_bytes=10, chunk_count=1, chunk_bytes=100),
+            trainable=BlobRef(sha256=SHA, size_bytes=10, chunk_count=1, chunk_bytes=100),
+            labels=("0", "1"),
+            preprocess=PreprocessSpec(height=8, width=8, color=ColorOrder.GRAY),
+            metrics=ModelMetrics(accuracy=0.5, evaluated_on=10),
+        ),
         selected=("a", "b"),
         config=RoundConfig(),
         deadline_at=100.0,

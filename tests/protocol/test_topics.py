@@ -28,6 +28,10 @@ TOPICS = Topics(root="site1/fedge", fleet="lab")
             ParsedTopic(TopicKind.MODEL_CHUNK, version="v3", index=17),
         ),
         (
+            TOPICS.blob_chunk("ab" * 32, 3),
+            ParsedTopic(TopicKind.BLOB_CHUNK, version="ab" * 32, index=3),
+        ),
+        (
             TOPICS.update_manifest(4, "pi-1"),
             ParsedTopic(TopicKind.UPDATE_MANIFEST, round=4, agent="pi-1"),
         ),
