@@ -69,3 +69,26 @@ def test_console_script_runs_with_help() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Examples" in result.stdout
+
+
+def test_agent_config_print_merges_file_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('agent_id = "pi-7"\ntop_k = 2\nmax_fps = 1.0\npassword = "secret"\n')
+    monkeypatch.setenv("FEDGE_MAX_FPS", "5")
+    result = CliRunner().invoke(cli, ["agent", "config", "--config", str(config), "--print"])
+    assert result.exit_code == 0, result.output
+    assert 'agent_id = "pi-7"' in result.output
+    assert "top_k = 2" in result.output
+    assert "max_fps = 5.0" in result.output  # the environment wins over the file
+    assert "secret" not in result.output
+
+
+def test_agent_config_errors_are_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('agent_id = "a/b"\n')
+    result = CliRunner().invoke(cli, ["agent", "config", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "agent_id" in result.output
+    assert "Traceback" not in result.output
