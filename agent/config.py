@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -17,7 +17,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from protocol.errors import ConfigError, TopicError
+from fedge.settings import load_settings
+from protocol.errors import TopicError
 from protocol.frames import DEFAULT_MAX_FRAME_BYTES
 from protocol.topics import DEFAULT_FLEET, DEFAULT_ROOT, Topics, validate_filter, validate_id
 
@@ -69,6 +70,10 @@ class AgentConfig(BaseSettings):
     reliable_results: bool = True
     store_max_per_class: Annotated[int, Field(ge=1)] = 500
     status_interval_s: Annotated[float, Field(gt=0.0)] = 30.0
+    # federated learning: without the coordinator's public key the agent takes no part
+    coordinator_key: Path | None = None
+    trainer: Literal["auto", "litert", "keras"] = "auto"
+    follow_fleet_models: bool = True
 
     @field_validator("agent_id", "fleet")
     @classmethod
@@ -117,23 +122,4 @@ class AgentConfig(BaseSettings):
 
 def load_agent_config(path: Path | None = None, **overrides: Any) -> AgentConfig:
     """Read the TOML file (if any) and the environment; raise ConfigError naming what is wrong."""
-    if path is not None and not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    settings_type: type[AgentConfig] = AgentConfig
-    if path is not None:
-        # A subclass per file: pydantic-settings reads the TOML path from the model config.
-        settings_type = type(
-            "AgentConfig",
-            (AgentConfig,),
-            {"model_config": {**AgentConfig.model_config, "toml_file": path}},
-        )
-    try:
-        return settings_type(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'config'}: {error['msg']}"
-            for error in exc.errors(include_input=False)
-        )
-        raise ConfigError(f"invalid agent config: {problems}") from exc
-    except ValueError as exc:  # TOML syntax errors
-        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    return load_settings(AgentConfig, path, **overrides)

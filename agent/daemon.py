@@ -19,14 +19,16 @@ from typing import ClassVar
 
 from agent.cleaning import CleaningPolicy, FrameCleaner
 from agent.config import AgentConfig
+from agent.federated import FederatedClient
 from agent.intake import FrameIntake, PendingFrame
 from agent.model import ServingModel, load_serving_model
 from agent.outbox import Outbox
 from agent.pipeline import FrameProcessor, InferenceOptions
 from agent.store import SampleStore
+from agent.training import available_trainers
 from fedge import __version__
 from fedge.mqtt import MqttLink, Will, parse_broker_url
-from protocol.errors import FedgeError, MessageError, TopicError
+from protocol.errors import ConfigError, FedgeError, MessageError, TopicError
 from protocol.messages.agent import (
     AgentState,
     AgentStatus,
@@ -44,6 +46,7 @@ from protocol.messages.commands import (
     RequestStatus,
     SetOptions,
 )
+from protocol.signing import load_verify_key
 from protocol.topics import TopicKind, topic_matches
 
 __all__ = ["Agent"]
@@ -119,6 +122,7 @@ class Agent:
         )
         self._command_topic = self.topics.agent_commands(config.agent_id)
         self._frame_filters = config.effective_frame_topics
+        self.federated = self._federated_client()
 
     # lifecycle
     def start(self, *, wait_connected_s: float | None = None) -> None:
@@ -128,6 +132,8 @@ class Agent:
         # Whatever a previous run left unacknowledged goes out first.
         for item in self.outbox.pending():
             self._send(item.row_id, item.topic, item.payload, retain=item.retain)
+        if self.federated is not None:
+            self.federated.start()
         self._spawn(self._inference_worker, "inference")
         self._spawn(self._command_worker, "commands")
         self._spawn(self._status_ticker, "status")
@@ -156,6 +162,8 @@ class Agent:
                 on_ack=done.set,
             )
             done.wait(2.0)
+        if self.federated is not None:
+            self.federated.stop()
         for thread in self._threads:
             thread.join(5.0)
         self.link.stop()
@@ -175,6 +183,9 @@ class Agent:
 
     # incoming (network thread: sort only)
     def _route(self, topic: str, payload: bytes) -> None:
+        if self.federated is not None and self.federated.handles(topic):
+            self.federated.on_message(topic, payload)
+            return
         if topic == self._command_topic:
             try:
                 self._commands.put_nowait((topic, payload))
@@ -391,7 +402,8 @@ class Agent:
             timestamp=time.time(),
             capabilities=Capabilities(
                 runtime=self._runtime_name(),
-                can_train=False,
+                can_train=self.federated is not None,
+                trainers=tuple(self._trainers),
                 agent_version=__version__,
                 model_version=self.serving.version if self.serving else None,
             ),
@@ -404,6 +416,36 @@ class Agent:
                 rejected=counts.rejected,
             ),
         )
+
+    def _federated_client(self) -> FederatedClient | None:
+        if self.config.coordinator_key is None:
+            logger.info("no coordinator key configured: not taking part in federated rounds")
+            self._trainers: list[str] = []
+            return None
+        self._trainers = available_trainers()
+        kind = self.config.trainer
+        if kind == "auto":
+            kind = "keras" if "keras" in self._trainers else "litert"
+        if kind not in self._trainers:
+            raise ConfigError(
+                f"trainer {kind!r} is not available here (available: {self._trainers})"
+            )
+        return FederatedClient(
+            agent_id=self.config.agent_id,
+            topics=self.topics,
+            link=self.link,
+            publish_reliably=self._publish,
+            report_error=self._emit_error,
+            store=self.store,
+            data_dir=self.config.data_dir / "federated",
+            verify_key=load_verify_key(self.config.coordinator_key),
+            trainer_kind=kind,
+            on_swap=self._swap if self.config.follow_fleet_models else None,
+        )
+
+    def _swap(self, serving: ServingModel) -> None:
+        self.serving = serving  # the worker picks it up with its next frame
+        self._publish_status()
 
     def _runtime_name(self) -> str:
         if self.serving is None:

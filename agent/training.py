@@ -295,7 +295,10 @@ def _weight_index(name: str) -> int:
 class LiteRTTrainer(Trainer):
     """Trains a trainable ``.tflite`` inside the LiteRT interpreter (no TensorFlow needed).
 
-    ``batch_size`` must equal the fixed batch of the model's ``train`` signature.
+    The model's signatures: ``infer(x)`` -> ``output``; ``train(x, y, mask, lr)`` -> ``loss``,
+    one SGD step on a fixed batch where ``mask`` (1.0 or 0.0 per example) marks the examples
+    that count; ``get_weights()`` -> ``w0..wn``; ``set_weights(w0..wn)``. ``batch_size`` must
+    equal the fixed batch of ``train`` (else :class:`ConfigError`).
     """
 
     name: ClassVar[str] = "litert"
@@ -312,27 +315,32 @@ class LiteRTTrainer(Trainer):
                     model_content=self._content, num_threads=num_threads
                 )
             available = interpreter.get_signature_list()
-            missing = [s for s in TRAINABLE_SIGNATURES if s not in available]
-            if missing:
-                raise ModelError(
-                    f"not a trainable model: signatures {', '.join(missing)} are missing",
-                    reason="not_trainable",
-                )
-            self._runners = {s: interpreter.get_signature_runner(s) for s in TRAINABLE_SIGNATURES}
-            train_inputs = self._runners["train"].get_input_details()
-            infer_outputs = self._runners["infer"].get_output_details()
         except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"not a usable trainable model: {exc}", reason="bad_model") from exc
-        self._interpreter = interpreter
-        train_shape = tuple(int(d) for d in train_inputs["x"]["shape"])
-        if train_shape[0] != batch_size:
+            raise ModelError(f"not a usable TFLite model: {exc}", reason="bad_model") from exc
+        missing = [s for s in TRAINABLE_SIGNATURES if s not in available]
+        if missing:
             raise ModelError(
+                f"not a trainable model: signatures {', '.join(missing)} are missing",
+                reason="not_trainable",
+            )
+        try:
+            self._runners = {s: interpreter.get_signature_runner(s) for s in TRAINABLE_SIGNATURES}
+            train_x = self._runners["train"].get_input_details()["x"]
+            infer_output = self._runners["infer"].get_output_details()["output"]
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise ModelError(
+                f"the trainable signatures lack an expected tensor: {exc}", reason="not_trainable"
+            ) from exc
+        self._interpreter = interpreter
+        train_shape = tuple(int(d) for d in train_x["shape"])
+        if train_shape[0] != batch_size:
+            raise ConfigError(
                 f"the model trains in batches of {train_shape[0]}, not {batch_size}",
                 reason="bad_batch_size",
             )
         self._batch_size = batch_size
         self._input_shape = train_shape[1:]
-        self._num_classes = int(infer_outputs["output"]["shape"][-1])
+        self._num_classes = int(infer_output["shape"][-1])
         initial = self.get_weights()
         self._shapes = [w.shape for w in initial]
         _log.info(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,6 +46,7 @@ __all__ = [
     "non_iid_partition",
     "train_reference_model",
     "upscale_digit",
+    "write_agent_shares",
 ]
 
 _log = logging.getLogger(__name__)
@@ -238,3 +240,23 @@ def digits_preprocess_spec(dtype: InputDType = InputDType.FLOAT32) -> Preprocess
         offset=0.0,
         dtype=dtype,
     )
+
+
+def write_agent_shares(out_dir: Path, num_agents: int) -> list[Path]:
+    """The reference non-IID split as folders ``agent-NN/<label>/<index>.png``, one per agent.
+
+    This is how the reference workload reaches agents: as labelled images, imported into
+    each agent's sample store (``fedge agent import``) exactly as a user's photos would be.
+    """
+    split = load_digits_split()
+    images = digit_images_uint8(split.x_train)
+    folders = []
+    for agent, indexes in enumerate(non_iid_partition(split.y_train, num_agents)):
+        folder = out_dir / f"agent-{agent:02d}"
+        for index in indexes:
+            label_dir = folder / str(int(split.y_train[index]))
+            label_dir.mkdir(parents=True, exist_ok=True)
+            (label_dir / f"{int(index):04d}.png").write_bytes(digit_png(images[index]))
+        folder.mkdir(parents=True, exist_ok=True)
+        folders.append(folder)
+    return folders

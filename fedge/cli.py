@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -268,6 +269,251 @@ def agent_import(config_path: Path | None, folder: Path) -> None:
         f"skipped {report.skipped} non-image files"
     )
     console.print("store now holds: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+
+
+# --- coordinator and rounds ---------------------------------------------------------------
+
+
+@cli.group()
+def coordinator() -> None:
+    """Run the federated-learning coordinator."""
+
+
+@coordinator.command("run")
+@_CONFIG_OPTION
+@click.option("--broker", "broker_url", default=None, help="mqtt://host:port or mqtts://...")
+@click.option("--fleet", default=None, help="Fleet name (default: default).")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the state database and the signing key live.",
+)
+@click.option(
+    "--model",
+    "model_name",
+    type=click.Choice(["digits_cnn", "digits_mlp"]),
+    default=None,
+    help="Model to train (default: digits_cnn).",
+)
+def coordinator_run(config_path: Path | None, **overrides: object) -> None:
+    """Run the coordinator until Ctrl-C or SIGTERM; rounds start with `fedge round start`.
+
+    On first start it creates a signing key in DATA_DIR/keys; copy fedge.pub to every
+    agent (`coordinator_key` in the agent's config).
+
+    \b
+    Examples:
+      fedge coordinator run --broker mqtt://hub.local:1883
+      fedge coordinator run --config /etc/fedge/coordinator.toml
+    """
+    import signal
+
+    from coordinator.config import load_coordinator_config
+    from coordinator.daemon import Coordinator
+
+    config = load_coordinator_config(config_path, **overrides)
+    console.print("coordinator starting (building the model takes a few seconds)...")
+    daemon = Coordinator(config)
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        daemon.request_stop()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    console.print(
+        f"coordinator for fleet [bold]{config.fleet}[/] on {daemon.link.address.redacted()}; "
+        f"agents need {config.signing_key_path.with_suffix('.pub')}"
+    )
+    daemon.run_forever()
+
+
+_BROKER_OPTIONS = [
+    click.option(
+        "--broker",
+        "broker_url",
+        default="mqtt://127.0.0.1:1883",
+        show_default=True,
+        envvar="FEDGE_BROKER_URL",
+        help="Broker URL.",
+    ),
+    click.option("--username", default=None, envvar="FEDGE_USERNAME"),
+    click.option("--password", default=None, envvar="FEDGE_PASSWORD"),
+    click.option("--fleet", default="default", show_default=True, envvar="FEDGE_FLEET"),
+    click.option(
+        "--root", "topic_root", default="fedge", show_default=True, envvar="FEDGE_TOPIC_ROOT"
+    ),
+]
+
+
+def _broker_options(function: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(_BROKER_OPTIONS):
+        function = option(function)
+    return function
+
+
+@cli.group("round")
+def round_group() -> None:
+    """Start federated rounds and watch them."""
+
+
+@round_group.command("start")
+@_broker_options
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--min-agents", default=1, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--fraction",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="Share of the able agents selected each round.",
+)
+@click.option(
+    "--deadline", default="60s", show_default=True, help="Per-round deadline, e.g. 30s, 2m."
+)
+@click.option(
+    "--strategy",
+    default="fedavg",
+    show_default=True,
+    help="fedavg, fedprox, fedadam, fedyogi, trimmed_mean, median.",
+)
+@click.option(
+    "--encoding",
+    "update_encoding",
+    type=click.Choice(["float32", "float16", "int8"]),
+    default="float32",
+    show_default=True,
+    help="How agents encode their updates.",
+)
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--lr", "learning_rate", default=0.05, show_default=True, type=float)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Strategy option, e.g. --option mu=0.1 --option clip_norm=5.",
+)
+def round_start(
+    broker_url: str,
+    username: str | None,
+    password: str | None,
+    fleet: str,
+    topic_root: str,
+    **settings: object,
+) -> None:
+    """Ask the running coordinator to run federated rounds, and wait for its answer.
+
+    \b
+    Examples:
+      fedge round start --rounds 30 --min-agents 8 --deadline 30s
+      fedge round start --strategy fedadam --option eta=0.01 --encoding int8
+    """
+    from fedge.mqtt import parse_broker_url
+    from fedge.remote import send_command
+    from protocol.messages.commands import StartRounds
+    from protocol.topics import Topics
+
+    options: dict[str, str | int | float | bool] = {
+        "update_encoding": str(settings.pop("update_encoding")),
+        "epochs": int(settings.pop("epochs")),  # type: ignore[call-overload]
+        "learning_rate": float(settings.pop("learning_rate")),  # type: ignore[arg-type]
+    }
+    for item in settings.pop("options"):  # type: ignore[attr-defined]
+        key, separator, value = str(item).partition("=")
+        if not separator or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
+        options[key] = _option_value(value)
+    command = StartRounds(
+        command_id=_command_id(),
+        rounds=int(settings["rounds"]),  # type: ignore[call-overload]
+        min_agents=int(settings["min_agents"]),  # type: ignore[call-overload]
+        fraction=float(settings["fraction"]),  # type: ignore[arg-type]
+        deadline_s=_seconds(str(settings["deadline"])),
+        strategy=str(settings["strategy"]),
+        options=options,
+    )
+    topics = Topics(root=topic_root, fleet=fleet)
+    ack = send_command(
+        parse_broker_url(broker_url, username=username, password=password),
+        command_topic=topics.coordinator_commands(),
+        events_topic=topics.coordinator_events(),
+        command=command,
+    )
+    if not ack.ok:
+        raise click.ClickException(f"coordinator refused: {ack.message} ({ack.reason})")
+    console.print(
+        f"coordinator accepted: {command.rounds} rounds of {command.strategy}, "
+        f"starting with round {ack.detail.get('next_round')}; "
+        "watch with `fedge round status --watch`"
+    )
+
+
+@round_group.command("status")
+@_broker_options
+@click.option("--watch", is_flag=True, help="Keep showing the live state until Ctrl-C.")
+def round_status(
+    broker_url: str,
+    username: str | None,
+    password: str | None,
+    fleet: str,
+    topic_root: str,
+    *,
+    watch: bool,
+) -> None:
+    """Show the coordinator's state: round, agents online, updates received, time left.
+
+    \b
+    Examples:
+      fedge round status
+      fedge round status --watch
+    """
+    from fedge.mqtt import parse_broker_url
+    from fedge.remote import show_status
+    from protocol.topics import Topics
+
+    show_status(
+        parse_broker_url(broker_url, username=username, password=password),
+        Topics(root=topic_root, fleet=fleet),
+        console=console,
+        watch=watch,
+    )
+
+
+def _seconds(text: str) -> float:
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            number = text[: -len(unit)]
+            break
+    else:
+        unit, number = "s", text
+    try:
+        value = float(number) * units[unit]
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{text!r} is not a duration like 30s or 2m", param_hint="--deadline"
+        ) from exc
+    if value <= 0:
+        raise click.BadParameter("the deadline must be positive", param_hint="--deadline")
+    return value
+
+
+def _option_value(text: str) -> str | int | float | bool:
+    if text.lower() in {"true", "false"}:
+        return text.lower() == "true"
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            continue
+    return text
+
+
+def _command_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:16]
 
 
 def _register_camera() -> None:

@@ -210,6 +210,12 @@ class Topics:
         digest = validate_id(sha256, what="blob hash")
         return f"{self._base}/blobs/{digest}/chunks/{_validate_index(index, what='chunk index')}"
 
+    def all_model_manifests(self) -> str:
+        return f"{self._base}/models/+/manifest"
+
+    def all_blob_chunks(self) -> str:
+        return f"{self._base}/blobs/+/chunks/+"
+
     def _model(self, version: str) -> str:
         return f"{self._base}/models/{validate_id(version, what='model version')}"
 

@@ -1,0 +1,370 @@
+"""The agent's side of federated rounds: a small state machine driven by retained messages.
+
+1. The coordinator's signed round announcement (retained) arrives; an unsigned, tampered
+   or foreign-signed one is refused with an error event.
+2. If this agent is selected and has not done the round yet, it fetches the release's
+   blobs (resumably, cached by hash), trains on its sample store, and sends the change it
+   made as chunks plus a completion message through the outbox, so a dropped link or a
+   restart loses nothing. Rounds done are remembered on disk: a repeated announcement
+   changes nothing.
+3. Every newer signed release (retained on the models' manifest topics) is hot-swapped into
+   inference through the trainable model's ``infer`` signature.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from agent.model import ServingModel
+from agent.preprocess import decode_image, prepare_input
+from agent.store import SampleStore
+from agent.training import TrainConfig, Trainer, make_trainer
+from fedge.mqtt import MqttLink
+from fedge.transfer import BlobFetcher
+from protocol.chunks import BlobManifest, split_blob
+from protocol.errors import FedgeError, ModelError
+from protocol.messages.codec import decode_message, encode_message
+from protocol.messages.rounds import BlobRef, ModelRelease, RoundAnnouncement, UpdateComplete
+from protocol.signing import SignedMessage, VerifyKey
+from protocol.tensors import Encoding
+from protocol.topics import TopicKind, Topics, topic_matches
+from protocol.updates import decode_weights, encode_update
+
+__all__ = ["FederatedClient", "TrainableServingModel"]
+
+logger = logging.getLogger(__name__)
+
+BLOB_TIMEOUT_S = 120.0
+ROUNDS_REMEMBERED = 64
+
+M = TypeVar("M", RoundAnnouncement, ModelRelease)
+Publish = Callable[[str, bytes], None]
+ErrorReporter = Callable[[str, str], None]
+SwapCallback = Callable[[ServingModel], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    announcement: RoundAnnouncement | None = None
+    release: ModelRelease | None = None
+
+
+class TrainableServingModel:
+    """Serves a fleet release through the trainable model's ``infer`` signature."""
+
+    def __init__(self, trainer: Trainer, runtime: object) -> None:
+        from agent.runtime import TensorInfo
+
+        self._trainer = trainer
+        self._lock = threading.Lock()
+        self.runtime = runtime
+        shape = trainer.input_shape
+        self.input_details = TensorInfo("x", (1, *shape), "float32", 0.0, 0)
+        self.output_details = (TensorInfo("output", (1, trainer.num_classes), "float32", 0.0, 0),)
+
+    def predict(self, batch: np.ndarray) -> list[np.ndarray]:
+        x = np.asarray(batch, np.float32)
+        if x.ndim == len(self.input_details.shape) - 1:
+            x = x[np.newaxis]
+        with self._lock:
+            return [np.asarray(self._trainer.predict(x), np.float32)]
+
+
+class FederatedClient:
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        topics: Topics,
+        link: MqttLink,
+        publish_reliably: Publish,
+        report_error: ErrorReporter,
+        store: SampleStore,
+        data_dir: Path,
+        verify_key: VerifyKey,
+        trainer_kind: str,
+        on_swap: SwapCallback | None = None,
+    ) -> None:
+        self.agent_id = agent_id
+        self.topics = topics
+        self._link = link
+        self._publish = publish_reliably
+        self._report_error = report_error
+        self._store = store
+        self._dir = data_dir
+        self._blob_dir = data_dir / "blobs"
+        self._blob_dir.mkdir(parents=True, exist_ok=True)
+        self._key = verify_key
+        self._trainer_kind = trainer_kind
+        self._on_swap = on_swap
+        self._jobs: queue.Queue[_Job] = queue.Queue()
+        self._fetchers: dict[str, BlobFetcher] = {}
+        self._fetch_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._state_path = data_dir / "federated.json"
+        self._done = self._load_done()
+        self._serving_round = -1
+        self._manifest_filter = topics.all_model_manifests()
+        self._blob_filter = topics.all_blob_chunks()
+        self.bytes_down = 0
+        self.bytes_up = 0
+        self.last_report: dict[str, float | int | None] = {}
+
+    # lifecycle
+    def start(self) -> None:
+        self._link.subscribe(self.topics.round_current(), qos=1)
+        if self._on_swap is not None:
+            self._link.subscribe(self._manifest_filter, qos=1)
+        self._thread = threading.Thread(target=self._work, name="agent-federated", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._jobs.put(_Job())
+        if self._thread is not None:
+            self._thread.join(10.0)
+
+    # routing (network thread: quick)
+    def handles(self, topic: str) -> bool:
+        return (
+            topic == self.topics.round_current()
+            or topic_matches(self._manifest_filter, topic)
+            or topic_matches(self._blob_filter, topic)
+        )
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained message
+        try:
+            parsed = self.topics.parse(topic)
+        except FedgeError:
+            return
+        if parsed.kind is TopicKind.BLOB_CHUNK:
+            with self._fetch_lock:
+                fetcher = self._fetchers.get(parsed.version or "")
+            if fetcher is not None:
+                self.bytes_down += len(payload)
+                fetcher.on_message(topic, payload)
+            return
+        if parsed.kind is TopicKind.ROUND_CURRENT:
+            announcement = self._verified(topic, payload, RoundAnnouncement)
+            if announcement is not None:
+                self._jobs.put(_Job(announcement=announcement))
+        elif parsed.kind is TopicKind.MODEL_MANIFEST:
+            release = self._verified(topic, payload, ModelRelease)
+            if release is not None:
+                self._jobs.put(_Job(release=release))
+
+    def _verified(self, topic: str, payload: bytes, kind: type[M]) -> M | None:
+        try:
+            signed = decode_message(payload, SignedMessage)
+            return decode_message(self._key.verify(signed), kind)
+        except FedgeError as exc:
+            self._report_error(exc.reason, f"refused {topic}: {exc}")
+            return None
+
+    # the worker
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            job = self._jobs.get()
+            if self._stopping.is_set():
+                return
+            try:
+                if job.announcement is not None:
+                    self._on_announcement(job.announcement)
+                elif job.release is not None:
+                    self._maybe_swap(job.release)
+            except FedgeError as exc:
+                self._report_error(exc.reason, f"federated round step failed: {exc}")
+            except Exception as exc:
+                logger.exception("federated step failed")
+                self._report_error("internal", f"federated round step failed: {exc}")
+
+    def _on_announcement(self, announcement: RoundAnnouncement) -> None:
+        self._maybe_swap(announcement.release)
+        number = announcement.round
+        if self.agent_id not in announcement.selected or number in self._done:
+            return
+        if time.time() > announcement.deadline_at:
+            logger.info("round %d: deadline already passed, not training", number)
+            return
+        started = time.perf_counter()
+        release = announcement.release
+        trainable = self.fetch(release.trainable)
+        weights = decode_weights(self.fetch(release.weights))
+        trainer = make_trainer(
+            self._trainer_kind,
+            trainable_tflite=trainable,
+            model_name=release.model_name,
+            batch_size=release.train_batch_size,
+        )
+        trainer.set_weights(weights)
+        x, y = self.dataset(release)
+        if len(x) == 0:
+            raise FedgeError(
+                f"round {number}: no samples with the model's labels to train on",
+                reason="no_samples",
+            )
+        config = announcement.config
+        report = trainer.train(
+            x,
+            y,
+            TrainConfig(
+                epochs=config.epochs,
+                batch_size=release.train_batch_size,
+                learning_rate=config.learning_rate,
+                proximal_mu=config.proximal_mu,
+                seed=config.seed,
+            ),
+        )
+        deltas = [new - old for new, old in zip(trainer.get_weights(), weights, strict=True)]
+        blob = encode_update(deltas, encoding=Encoding(config.update_encoding.value))
+        manifest, chunks = split_blob(blob)
+        for index, chunk in enumerate(chunks):
+            self._publish(self.topics.update_chunk(number, self.agent_id, index), chunk)
+        complete = UpdateComplete(
+            round=number,
+            agent=self.agent_id,
+            base_model_version=release.version,
+            update_sha256=manifest.sha256,
+            update_size_bytes=manifest.size_bytes,
+            chunk_count=manifest.chunk_count,
+            chunk_bytes=manifest.chunk_bytes,
+            encoding=config.update_encoding,
+            num_examples=report.num_examples,
+            loss=report.loss if np.isfinite(report.loss) else None,
+            accuracy=report.val_accuracy,
+            train_seconds=report.seconds,
+        )
+        self._publish(self.topics.update_manifest(number, self.agent_id), encode_message(complete))
+        self.bytes_up += sum(len(chunk) for chunk in chunks)
+        self._mark_done(number)
+        self.last_report = {
+            "round": number,
+            "examples": report.num_examples,
+            "loss": report.loss,
+            "seconds": time.perf_counter() - started,
+        }
+        logger.info(
+            "round %d: trained on %d samples, update of %d bytes sent",
+            number,
+            report.num_examples,
+            len(blob),
+        )
+
+    # data
+    def dataset(self, release: ModelRelease) -> tuple[np.ndarray, np.ndarray]:
+        """The store's samples as model inputs and label indexes, in a stable order."""
+        index = {label: i for i, label in enumerate(release.labels)}
+        inputs, targets = [], []
+        for sample in sorted(self._store.samples(), key=lambda s: s.sample_id):
+            if sample.label not in index:
+                continue
+            try:
+                image = decode_image(self._store.load_image(sample))
+            except FedgeError as exc:
+                logger.warning("sample %s unusable: %s", sample.sample_id, exc)
+                continue
+            inputs.append(prepare_input(image, release.preprocess))
+            targets.append(index[sample.label])
+        if not inputs:
+            return np.zeros((0,), np.float32), np.zeros((0,), np.int32)
+        return np.stack(inputs).astype(np.float32), np.asarray(targets, np.int32)
+
+    # blobs
+    def fetch(self, ref: BlobRef, timeout_s: float = BLOB_TIMEOUT_S) -> bytes:
+        """A blob by hash: from the local cache, else from its retained chunks (resumable)."""
+        cached = self._blob_dir / ref.sha256
+        if cached.is_file():
+            data = cached.read_bytes()
+            if len(data) == ref.size_bytes:
+                return data
+        manifest = BlobManifest(
+            sha256=ref.sha256,
+            size_bytes=ref.size_bytes,
+            chunk_bytes=ref.chunk_bytes,
+            chunk_count=ref.chunk_count,
+            content_type=ref.content_type,
+        )
+        fetcher = BlobFetcher(
+            self._link,
+            manifest,
+            chunk_topic=lambda i: self.topics.blob_chunk(ref.sha256, i),
+            spool_root=self._dir / "spool",
+        )
+        with self._fetch_lock:
+            self._fetchers[ref.sha256] = fetcher
+        try:
+            fetcher.start()
+            data = fetcher.wait(timeout_s)
+        finally:
+            fetcher.stop()
+            with self._fetch_lock:
+                self._fetchers.pop(ref.sha256, None)
+        temporary = cached.with_suffix(".tmp")
+        temporary.write_bytes(data)
+        temporary.replace(cached)
+        fetcher.discard_spool()
+        return data
+
+    # hot swap
+    def _maybe_swap(self, release: ModelRelease) -> None:
+        if self._on_swap is None or release.round <= self._serving_round:
+            return
+        trainable = self.fetch(release.trainable)
+        weights = decode_weights(self.fetch(release.weights))
+        trainer = make_trainer(
+            "litert",
+            trainable_tflite=trainable,
+            model_name=release.model_name,
+            batch_size=release.train_batch_size,
+        )
+        trainer.set_weights(weights)
+        from agent.runtime import load_interpreter_class
+
+        model = TrainableServingModel(trainer, load_interpreter_class())
+        expected = (
+            release.preprocess.height,
+            release.preprocess.width,
+            release.preprocess.channels,
+        )
+        if tuple(model.input_details.shape[1:]) != expected:
+            raise ModelError(
+                f"release {release.version} spec does not fit its model", reason="spec_mismatch"
+            )
+        serving = ServingModel(
+            model=model,  # type: ignore[arg-type]
+            spec=release.preprocess,
+            version=release.version,
+            labels=release.labels,
+            classifier=True,
+        )
+        self._serving_round = release.round
+        self._on_swap(serving)
+        logger.info("now serving fleet model %s", release.version)
+
+    # round bookkeeping
+    def _load_done(self) -> set[int]:
+        try:
+            return set(json.loads(self._state_path.read_text()).get("rounds_done", []))
+        except (OSError, ValueError):
+            return set()
+
+    def _mark_done(self, number: int) -> None:
+        self._done.add(number)
+        kept = sorted(self._done)[-ROUNDS_REMEMBERED:]
+        self._done = set(kept)
+        temporary = self._state_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"rounds_done": kept}))
+        temporary.replace(self._state_path)

@@ -1,0 +1,313 @@
+"""The coordinator daemon: MQTT link, fleet, round runner, commands and status.
+
+Rounds run in one worker thread; commands are answered at once. A restarted coordinator
+republishes the current release and resumes the plan and the round it was in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from coordinator.config import CoordinatorConfig
+from coordinator.mqtt_fleet import MqttFleet
+from coordinator.production import KerasModelProducer
+from coordinator.reference import DIGITS_LABELS, digits_preprocess_spec, load_digits_split
+from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
+from coordinator.state import CoordinatorState
+from fedge.mqtt import MqttLink, Will, parse_broker_url
+from protocol.errors import FedgeError, MessageError
+from protocol.messages.agent import CommandAck
+from protocol.messages.base import Message
+from protocol.messages.codec import decode_message, encode_message
+from protocol.messages.commands import Ping, RequestStatus, StartRounds, StopRounds
+from protocol.messages.rounds import CoordinatorState as Phase
+from protocol.messages.rounds import CoordinatorStatus, RoundConfig, UpdateEncoding
+from protocol.signing import SigningKey, load_signing_key, write_key_pair
+
+__all__ = ["Coordinator", "plan_from_command"]
+
+logger = logging.getLogger(__name__)
+
+COMMAND_TYPES = (StartRounds, StopRounds, Ping, RequestStatus)
+MAX_COMMAND_BYTES = 64 * 1024
+
+_CONFIG_OPTIONS = {
+    "epochs": int,
+    "batch_size": int,
+    "learning_rate": float,
+    "proximal_mu": float,
+    "update_encoding": str,
+    "augment": bool,
+    "seed": int,
+}
+
+
+def plan_from_command(command: StartRounds) -> RoundPlan:
+    """Turn a start_rounds command into a plan; options split into round config and strategy."""
+    config_fields: dict[str, Any] = {}
+    strategy_options: dict[str, Any] = {}
+    max_update_norm = None
+    for key, value in command.options.items():
+        if key in _CONFIG_OPTIONS:
+            config_fields[key] = _CONFIG_OPTIONS[key](value)
+        elif key == "max_update_norm":
+            max_update_norm = float(value)
+        else:
+            strategy_options[key] = value
+    if "update_encoding" in config_fields:
+        config_fields["update_encoding"] = UpdateEncoding(config_fields["update_encoding"])
+    try:
+        config = RoundConfig.model_validate(config_fields, strict=False)
+    except ValueError as exc:
+        raise FedgeError(f"invalid round options: {exc}", reason="bad_options") from exc
+    return RoundPlan(
+        rounds=command.rounds,
+        min_agents=command.min_agents,
+        fraction=command.fraction,
+        deadline_s=command.deadline_s,
+        strategy=command.strategy,
+        strategy_options=strategy_options,
+        config=config,
+        max_update_norm=max_update_norm,
+    )
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.topics = config.topics
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.state = CoordinatorState(config.data_dir / "coordinator.sqlite")
+        self.signing_key = _signing_key(config)
+        address = parse_broker_url(
+            config.broker_url,
+            username=config.username,
+            password=config.password,
+            ca_file=config.ca_file,
+            cert_file=config.cert_file,
+            key_file=config.key_file,
+        )
+        offline = CoordinatorStatus(state=Phase.OFFLINE, timestamp=0.0)
+        self.link = MqttLink(
+            address,
+            client_id=f"fedge-coordinator-{config.fleet}",
+            on_message=self._on_message,
+            on_connected=self._on_connected,
+            will=Will(self.topics.coordinator_status(), encode_message(offline)),
+        )
+        self.fleet = MqttFleet(
+            self.link,
+            self.topics,
+            self.signing_key,
+            max_chunk_bytes=config.max_chunk_bytes,
+            on_command=self._on_command,
+        )
+        split = load_digits_split()
+        self.producer = KerasModelProducer(
+            model_name=config.model_name,
+            state=self.state,
+            eval_x=split.x_test,
+            eval_y=split.y_test,
+            labels=DIGITS_LABELS,
+            preprocess=digits_preprocess_spec(),
+            train_batch_size=config.train_batch_size,
+            max_chunk_bytes=config.max_chunk_bytes,
+            with_inference_files=config.with_inference_files,
+        )
+        self.runner = RoundRunner(
+            fleet=self.fleet,
+            state=self.state,
+            producer=self.producer,
+            on_progress=self._on_progress,
+        )
+        self._worker: threading.Thread | None = None
+        self._worker_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._progress: dict[str, Any] = {}
+        self.outcomes: list[RoundOutcome] = []
+
+    # lifecycle
+    def start(self, *, wait_connected_s: float = 30.0) -> None:
+        self.fleet.subscribe()
+        self.link.start()
+        self.link.wait_connected(wait_connected_s)
+        release = self.runner.republish_current()
+        logger.info("coordinator up; current model %s", release.version)
+        self._publish_status(Phase.IDLE)
+        pending = self.runner.pending_plan()
+        if pending is not None:
+            logger.info("resuming an unfinished plan of %d rounds", pending.rounds)
+            self._start_plan(pending)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.runner.request_stop()
+        worker = self._worker
+        if worker is not None:
+            worker.join(30.0)
+        if self.link.is_connected:
+            done = threading.Event()
+            offline = CoordinatorStatus(state=Phase.OFFLINE, timestamp=time.time())
+            self.link.publish(
+                self.topics.coordinator_status(),
+                encode_message(offline),
+                retain=True,
+                on_ack=done.set,
+            )
+            done.wait(2.0)
+        self.link.stop()
+        self.state.close()
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self._stopping.wait(self.config.status_interval_s):
+                self._publish_status(self._phase())
+        finally:
+            self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def run_plan_now(self, plan: RoundPlan) -> list[RoundOutcome]:
+        """Run a plan in the calling thread (scripts and benchmarks)."""
+        outcomes = self.runner.run_plan(plan)
+        self.outcomes.extend(outcomes)
+        self._publish_status(Phase.IDLE)
+        return outcomes
+
+    # messages
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        self.fleet.on_message(topic, payload)
+
+    def _on_connected(self, _session_present: bool) -> None:
+        self._publish_status(self._phase())
+
+    def _on_command(self, topic: str, payload: bytes) -> None:
+        try:
+            command = decode_message(payload, COMMAND_TYPES, max_bytes=MAX_COMMAND_BYTES)
+        except MessageError as exc:
+            self.fleet.report_error(exc.reason, f"command on {topic} refused: {exc}")
+            return
+        try:
+            detail = self._handle(command)
+        except FedgeError as exc:
+            self._ack(command, ok=False, reason=exc.reason, message=str(exc))
+            return
+        self._ack(command, ok=True, detail=detail)
+
+    def _handle(self, command: Message) -> dict[str, str | int | float | bool | None]:
+        if isinstance(command, StartRounds):
+            plan = plan_from_command(command)
+            if self.busy:
+                raise FedgeError("rounds are already running; stop them first", reason="busy")
+            self._start_plan(plan)
+            return {
+                "rounds": plan.rounds,
+                "strategy": plan.strategy,
+                "next_round": self.state.last_round_number() + 1,
+            }
+        if isinstance(command, StopRounds):
+            self.runner.request_stop()
+            return {"stopping": self.busy}
+        online = sum(1 for a in self.fleet.agents().values() if a.online)
+        return {
+            "agents_online": online,
+            "round": self.state.last_round_number(),
+            "busy": self.busy,
+            "pong": isinstance(command, Ping),
+        }
+
+    def _ack(
+        self,
+        command: Message,
+        *,
+        ok: bool,
+        reason: str | None = None,
+        message: str | None = None,
+        detail: dict[str, str | int | float | bool | None] | None = None,
+    ) -> None:
+        ack = CommandAck(
+            command_id=command.command_id,  # type: ignore[attr-defined]
+            command=command.kind,  # type: ignore[attr-defined]
+            ok=ok,
+            reason=reason,
+            message=message[:1024] if message else None,
+            detail=detail or {},
+        )
+        self.link.publish(self.topics.coordinator_events(), encode_message(ack))
+
+    # rounds
+    def _start_plan(self, plan: RoundPlan) -> None:
+        with self._worker_lock:
+            if self.busy:
+                raise FedgeError("rounds are already running", reason="busy")
+            self.runner = RoundRunner(
+                fleet=self.fleet,
+                state=self.state,
+                producer=self.producer,
+                on_progress=self._on_progress,
+            )
+            self._worker = threading.Thread(
+                target=self._run_plan, args=(plan,), name="coordinator-rounds", daemon=True
+            )
+            self._worker.start()
+
+    def _run_plan(self, plan: RoundPlan) -> None:
+        try:
+            self.outcomes.extend(self.runner.run_plan(plan))
+        except FedgeError as exc:
+            logger.error("rounds stopped: %s", exc)  # noqa: TRY400 - the reason says it all
+            self.fleet.report_error(exc.reason, f"rounds stopped: {exc}")
+        except Exception:
+            logger.exception("rounds failed")
+        finally:
+            self._publish_status(Phase.IDLE)
+
+    def _on_progress(self, progress: dict[str, Any]) -> None:
+        changed = progress != self._progress
+        self._progress = progress
+        if changed:
+            self._publish_status(Phase.ANNOUNCED)
+
+    def _phase(self) -> Phase:
+        return Phase.ANNOUNCED if self.busy else Phase.IDLE
+
+    def _publish_status(self, phase: Phase) -> None:
+        progress = self._progress if phase is Phase.ANNOUNCED else {}
+        version = self.state.get("current_version")
+        status = CoordinatorStatus(
+            state=phase,
+            timestamp=time.time(),
+            round=progress.get("round") or self.state.last_round_number() or None,
+            model_version=version,
+            agents_online=sum(1 for a in self.fleet.agents().values() if a.online),
+            updates_received=progress.get("received", 0),
+            selected=progress.get("selected", 0),
+            detail=_detail(progress, self.state),
+        )
+        self.link.publish(self.topics.coordinator_status(), encode_message(status), retain=True)
+
+
+def _detail(progress: dict[str, Any], state: CoordinatorState) -> str | None:
+    if progress:
+        return f"{progress['seconds_left']:.0f} s left"
+    done = [r for r in state.rounds() if r.state == "done"]
+    if done and done[-1].metrics.get("accuracy") is not None:
+        return f"round {done[-1].round} accuracy {done[-1].metrics['accuracy']:.3f}"
+    return None
+
+
+def _signing_key(config: CoordinatorConfig) -> SigningKey:
+    path = config.signing_key_path
+    if not path.exists() and config.signing_key is None:
+        private, public = write_key_pair(path.parent, name=path.stem)
+        logger.warning("generated a signing key %s; give agents %s", private, public)
+    return load_signing_key(path)

@@ -1,0 +1,476 @@
+"""The round state machine: select, announce, collect, aggregate, evaluate, release.
+
+It talks to the network only through a :class:`~coordinator.fleet.Fleet` and to model
+code only through a :class:`ModelProducer`, so the same logic runs against MQTT and in
+memory. Every wait is bounded by the round's deadline; a round without quorum at its
+deadline is extended once, then failed with a reason that says what was missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from coordinator.fleet import AgentInfo, Fleet, ReceivedUpdate
+from coordinator.state import CoordinatorState, StoredUpdate
+from coordinator.strategies import ClientUpdate, Strategy, make_strategy
+from coordinator.validation import validate_update
+from protocol.errors import FedgeError, ProtocolError
+from protocol.messages.agent import ErrorEvent
+from protocol.messages.rounds import ModelMetrics, ModelRelease, RoundAnnouncement, RoundConfig
+from protocol.tensors import decode_tensors, encode_tensors
+from protocol.updates import decode_update, decode_weights
+
+__all__ = ["ModelProducer", "RoundOutcome", "RoundPlan", "RoundRunner"]
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.25
+
+
+class ModelProducer(ABC):
+    """Turns weights into a published model; the TensorFlow one is in coordinator.production."""
+
+    @abstractmethod
+    def initial_weights(self) -> list[np.ndarray]: ...
+
+    @abstractmethod
+    def evaluate(self, weights: Sequence[np.ndarray]) -> ModelMetrics: ...
+
+    @abstractmethod
+    def release(
+        self,
+        *,
+        version: str,
+        round_number: int,
+        weights: Sequence[np.ndarray],
+        metrics: ModelMetrics | None,
+    ) -> tuple[ModelRelease, dict[str, bytes]]:
+        """The release and every blob it references, keyed by sha256."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoundPlan:
+    rounds: int = 1
+    min_agents: int = 1
+    fraction: float = 1.0
+    deadline_s: float = 60.0
+    strategy: str = "fedavg"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    config: RoundConfig = field(default_factory=RoundConfig)
+    max_update_norm: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "min_agents": self.min_agents,
+            "fraction": self.fraction,
+            "deadline_s": self.deadline_s,
+            "strategy": self.strategy,
+            "strategy_options": self.strategy_options,
+            "config": self.config.model_dump(mode="json"),
+            "max_update_norm": self.max_update_norm,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundPlan:
+        return cls(
+            rounds=data["rounds"],
+            min_agents=data["min_agents"],
+            fraction=data["fraction"],
+            deadline_s=data["deadline_s"],
+            strategy=data["strategy"],
+            strategy_options=data["strategy_options"],
+            config=RoundConfig.model_validate_json(_dumps(data["config"])),
+            max_update_norm=data.get("max_update_norm"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RoundOutcome:
+    round: int
+    ok: bool
+    version: str | None
+    reason: str | None
+    metrics: dict[str, Any]
+
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+class RoundRunner:
+    """Runs rounds one after another; resumable from its state after a crash."""
+
+    def __init__(
+        self,
+        *,
+        fleet: Fleet,
+        state: CoordinatorState,
+        producer: ModelProducer,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        self.fleet = fleet
+        self.state = state
+        self.producer = producer
+        self._on_progress = on_progress
+        self._stop_requested = False
+
+    # releases
+    def current_release(self) -> ModelRelease:
+        """The newest release; the first call makes and publishes round 0's."""
+        version = self.state.get("current_version")
+        if version is not None:
+            text = self.state.release_json(version)
+            if text is not None:
+                return ModelRelease.model_validate_json(text)
+        weights = self.producer.initial_weights()
+        metrics = self.producer.evaluate(weights)
+        return self._publish(version="r0", round_number=0, weights=weights, metrics=metrics)
+
+    def republish_current(self) -> ModelRelease:
+        """Publish the current release again (a restarted coordinator, a new broker)."""
+        release = self.current_release()
+        blobs = {ref.sha256: self.state.blob(ref.sha256) for ref in _refs(release)}
+        self.fleet.publish_release(release, blobs)
+        return release
+
+    def weights_of(self, release: ModelRelease) -> list[np.ndarray]:
+        return decode_weights(self.state.blob(release.weights.sha256))
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+
+    # the plan
+    def run_plan(self, plan: RoundPlan) -> list[RoundOutcome]:
+        """Run (or resume) ``plan``; returns the outcome of every round run now."""
+        self.state.put("plan", plan.to_json())
+        done = int(self.state.get("plan_rounds_done") or 0)
+        outcomes = []
+        while done < plan.rounds and not self._stop_requested:
+            outcome = self.run_round(plan)
+            outcomes.append(outcome)
+            done += 1
+            self.state.put("plan_rounds_done", done)
+        self.state.put("plan", None)
+        self.state.put("plan_rounds_done", 0)
+        return outcomes
+
+    def pending_plan(self) -> RoundPlan | None:
+        data = self.state.get("plan")
+        return RoundPlan.from_json(data) if data else None
+
+    # one round
+    def run_round(self, plan: RoundPlan) -> RoundOutcome:
+        last = self.state.round(self.state.last_round_number())
+        if last is not None and last.state == "announced":
+            logger.info("resuming round %d", last.round)
+            announcement = RoundAnnouncement.model_validate_json(
+                _dumps(self.state.get("announcement"))
+            )
+            self.fleet.announce(announcement)
+            return self._collect_and_close(announcement, plan)
+        return self._collect_and_close(self._announce(plan), plan)
+
+    def _announce(self, plan: RoundPlan) -> RoundAnnouncement:
+        release = self.current_release()
+        round_number = self.state.last_round_number() + 1
+        strategy = self._strategy(plan)
+        overrides = strategy.round_config_overrides()
+        config = plan.config.model_copy(
+            update={**overrides, "seed": plan.config.seed + round_number}
+        )
+        selected = self._select(plan, round_number)
+        now = self.fleet.now()
+        announcement = RoundAnnouncement(
+            round=round_number,
+            release=release,
+            selected=selected,
+            config=config,
+            deadline_at=now + plan.deadline_s,
+            issued_at=now,
+        )
+        # The announcement first: a crash before the round row exists just announces anew.
+        self.state.put("announcement", announcement.model_dump(mode="json"))
+        self.state.start_round(
+            round_number,
+            base_version=release.version,
+            selected=selected,
+            config=config.model_dump(mode="json"),
+            deadline_at=announcement.deadline_at,
+            started_at=now,
+        )
+        self.fleet.announce(announcement)
+        logger.info("round %d announced to %d agents", round_number, len(selected))
+        return announcement
+
+    def _select(self, plan: RoundPlan, round_number: int) -> tuple[str, ...]:
+        deadline = self.fleet.now() + plan.deadline_s
+        while True:
+            able = sorted(a.agent for a in self.fleet.agents().values() if _can_train(a))
+            if len(able) >= plan.min_agents:
+                break
+            if self.fleet.now() >= deadline:
+                raise FedgeError(
+                    f"round {round_number}: only {len(able)} agents online that can train, "
+                    f"{plan.min_agents} needed",
+                    reason="not_enough_agents",
+                )
+            self.fleet.pause(POLL_S)
+        count = max(plan.min_agents, math.ceil(plan.fraction * len(able)))
+        chosen = random.Random(round_number).sample(able, min(count, len(able)))  # noqa: S311
+        return tuple(sorted(chosen))
+
+    def _collect_and_close(self, announcement: RoundAnnouncement, plan: RoundPlan) -> RoundOutcome:
+        number = announcement.round
+        record = self.state.round(number)
+        assert record is not None
+        base = self.weights_of(announcement.release)
+        selected = set(announcement.selected)
+        deadline = record.deadline_at
+        extended = record.deadline_at > announcement.deadline_at
+        bytes_up = 0
+        while True:
+            received = self.state.update_agents(number)
+            self._progress(number, announcement, received, deadline)
+            if selected <= received or self._stop_requested:
+                break
+            remaining = deadline - self.fleet.now()
+            if remaining <= 0:
+                if len(received) >= plan.min_agents or extended:
+                    break
+                deadline = self.fleet.now() + plan.deadline_s
+                extended = True
+                self.state.extend_round(number, deadline)
+                logger.warning(
+                    "round %d: %d of %d updates at the deadline, %d needed: extended once",
+                    number,
+                    len(received),
+                    len(selected),
+                    plan.min_agents,
+                )
+                continue
+            update = self.fleet.next_update(number, min(remaining, POLL_S))
+            if update is not None:
+                bytes_up += update.bytes_received
+                self._accept(update, announcement, base, plan)
+        received = self.state.update_agents(number)
+        if len(received) < plan.min_agents:
+            reason = (
+                f"quorum not reached: {len(received)} of {len(selected)} selected agents "
+                f"reported by the extended deadline, {plan.min_agents} needed"
+            )
+            self.state.finish_round(number, state="failed", reason=reason, metrics={})
+            logger.error("round %d failed: %s", number, reason)
+            return RoundOutcome(number, ok=False, version=None, reason=reason, metrics={})
+        return self._aggregate(announcement, plan, base, bytes_up)
+
+    def _accept(
+        self,
+        update: ReceivedUpdate,
+        announcement: RoundAnnouncement,
+        base: list[np.ndarray],
+        plan: RoundPlan,
+    ) -> None:
+        complete = update.complete
+        agent = complete.agent
+        try:
+            if complete.round != announcement.round:
+                raise ProtocolError(
+                    f"update for round {complete.round}, current round is {announcement.round}",
+                    reason="stale_round",
+                )
+            if agent not in announcement.selected:
+                raise ProtocolError(
+                    f"agent {agent} was not selected for round {announcement.round}",
+                    reason="not_selected",
+                )
+            if complete.base_model_version != announcement.release.version:
+                raise ProtocolError(
+                    f"update trained from {complete.base_model_version}, "
+                    f"round uses {announcement.release.version}",
+                    reason="wrong_base",
+                )
+            deltas = decode_update(update.payload)
+            if len(deltas) != len(base):
+                raise ProtocolError(
+                    f"update has {len(deltas)} tensors, the model has {len(base)}",
+                    reason="wrong_count",
+                )
+            for index, (delta, reference) in enumerate(zip(deltas, base, strict=True)):
+                if delta.shape != reference.shape:
+                    raise ProtocolError(
+                        f"tensor {index} has shape {delta.shape}, the model's is {reference.shape}",
+                        reason="wrong_shape",
+                    )
+            weights = [b + d for b, d in zip(base, deltas, strict=True)]
+            validate_update(weights, reference=base, max_norm=plan.max_update_norm)
+        except FedgeError as exc:
+            logger.warning("update from %s refused: %s", agent, exc)
+            self.fleet.reject(
+                ErrorEvent(
+                    reason=exc.reason,
+                    message=f"update from {agent} refused: {exc}",
+                    timestamp=self.fleet.now(),
+                ),
+                agent=agent,
+            )
+            return
+        stored = self.state.add_update(
+            StoredUpdate(
+                round=complete.round,
+                agent=agent,
+                num_examples=complete.num_examples,
+                encoding=complete.encoding.value,
+                payload=update.payload,
+                loss=complete.loss,
+                accuracy=complete.accuracy,
+            )
+        )
+        if not stored:
+            logger.info("duplicate update from %s for round %d ignored", agent, complete.round)
+
+    def _aggregate(
+        self,
+        announcement: RoundAnnouncement,
+        plan: RoundPlan,
+        base: list[np.ndarray],
+        bytes_up: int,
+    ) -> RoundOutcome:
+        number = announcement.round
+        strategy = self._strategy(plan)
+        saved = self._strategy_state_before(number)
+        if saved is not None:
+            strategy.load_state_dict(_decode_state(saved, self.state))
+        aggregation = strategy.begin(base)
+        total_examples = 0
+        agents = sorted(self.state.update_agents(number))
+        for agent in agents:
+            stored = self.state.update(number, agent)
+            assert stored is not None
+            deltas = decode_update(stored.payload)
+            weights = [b + d for b, d in zip(base, deltas, strict=True)]
+            aggregation.add(
+                ClientUpdate(agent=agent, weights=weights, num_examples=stored.num_examples)
+            )
+            total_examples += stored.num_examples
+        new_weights = aggregation.result()
+        self.state.put(
+            f"strategy_state_r{number}", _encode_state(strategy.state_dict(), self.state)
+        )
+        metrics_model = self.producer.evaluate(new_weights)
+        version = f"r{number}"
+        release = self._publish(
+            version=version, round_number=number, weights=new_weights, metrics=metrics_model
+        )
+        record = self.state.round(number)
+        started = record.started_at if record else self.fleet.now()
+        metrics = {
+            "accuracy": metrics_model.accuracy,
+            "loss": metrics_model.loss,
+            "updates": len(agents),
+            "selected": len(announcement.selected),
+            "examples": total_examples,
+            "bytes_up": bytes_up,
+            "version": release.version,
+            "seconds": max(0.0, self.fleet.now() - started),
+        }
+        self.state.finish_round(number, state="done", reason=None, metrics=metrics)
+        logger.info(
+            "round %d done: accuracy %s from %d updates",
+            number,
+            metrics_model.accuracy,
+            len(agents),
+        )
+        return RoundOutcome(number, ok=True, version=version, reason=None, metrics=metrics)
+
+    def _publish(
+        self,
+        *,
+        version: str,
+        round_number: int,
+        weights: Sequence[np.ndarray],
+        metrics: ModelMetrics | None,
+    ) -> ModelRelease:
+        release, blobs = self.producer.release(
+            version=version, round_number=round_number, weights=weights, metrics=metrics
+        )
+        for sha256, data in blobs.items():
+            self.state.put_blob(sha256, data)
+        self.state.put_release(version, round_number, release.model_dump_json())
+        self.fleet.publish_release(release, blobs)
+        self.state.put("current_version", version)
+        return release
+
+    def _strategy_state_before(self, number: int) -> dict[str, Any] | None:
+        """The server optimiser's state after the newest successful round before ``number``."""
+        for earlier in range(number - 1, 0, -1):
+            saved = self.state.get(f"strategy_state_r{earlier}")
+            if saved is not None:
+                return dict(saved)
+        return None
+
+    def _strategy(self, plan: RoundPlan) -> Strategy:
+        return make_strategy(plan.strategy, **plan.strategy_options)
+
+    def _progress(
+        self, number: int, announcement: RoundAnnouncement, received: set[str], deadline: float
+    ) -> None:
+        if self._on_progress is None:
+            return
+        self._on_progress(
+            {
+                "round": number,
+                "selected": len(announcement.selected),
+                "received": len(received),
+                "seconds_left": max(0.0, deadline - self.fleet.now()),
+            }
+        )
+
+
+def _can_train(agent: AgentInfo) -> bool:
+    return agent.online and agent.can_train
+
+
+def _refs(release: ModelRelease) -> list[Any]:
+    refs = [release.weights, release.trainable, release.inference, release.inference_int8]
+    return [ref for ref in refs if ref is not None]
+
+
+def _encode_state(state: dict[str, Any], store: CoordinatorState) -> dict[str, Any]:
+    """Strategy state as JSON; arrays go to the blob table, referenced by hash."""
+    import hashlib
+
+    encoded: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, list) and value and isinstance(value[0], np.ndarray):
+            data = encode_tensors({f"s{i}": a for i, a in enumerate(value)})
+            digest = hashlib.sha256(data).hexdigest()
+            store.put_blob(digest, data)
+            encoded[key] = {"arrays": digest}
+        else:
+            encoded[key] = value
+    return encoded
+
+
+def _decode_state(encoded: dict[str, Any], store: CoordinatorState) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for key, value in encoded.items():
+        if isinstance(value, dict) and "arrays" in value:
+            tensors = decode_tensors(store.blob(value["arrays"]))
+            state[key] = [tensors[f"s{i}"] for i in range(len(tensors))]
+        else:
+            state[key] = value
+    return state
+
+
+def _dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value)

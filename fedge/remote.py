@@ -1,0 +1,117 @@
+"""Talking to a running coordinator from any machine with broker access."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from fedge.mqtt import BrokerAddress, MqttLink
+from protocol.errors import FedgeError, TransportError
+from protocol.messages.agent import CommandAck
+from protocol.messages.base import Message
+from protocol.messages.codec import decode_message, encode_message
+from protocol.messages.rounds import CoordinatorStatus
+from protocol.topics import Topics
+
+__all__ = ["send_command", "show_status"]
+
+CONNECT_TIMEOUT_S = 10.0
+ACK_TIMEOUT_S = 15.0
+STATUS_TIMEOUT_S = 5.0
+
+
+def _link(broker: BrokerAddress, on_message: Callable[[str, bytes], None]) -> MqttLink:
+    client_id = f"fedge-cli-{uuid.uuid4().hex[:8]}"
+    return MqttLink(broker, client_id=client_id, clean_session=True, on_message=on_message)
+
+
+def send_command(
+    broker: BrokerAddress, *, command_topic: str, events_topic: str, command: Message
+) -> CommandAck:
+    """Publish ``command`` and return the coordinator's acknowledgement."""
+    answer: list[CommandAck] = []
+    arrived = threading.Event()
+    command_id = command.command_id  # type: ignore[attr-defined]
+
+    def on_message(_topic: str, payload: bytes) -> None:
+        try:
+            message: Message = decode_message(payload)
+        except FedgeError:
+            return
+        if isinstance(message, CommandAck) and message.command_id == command_id:
+            answer.append(message)
+            arrived.set()
+
+    link = _link(broker, on_message)
+    link.subscribe(events_topic, qos=1)
+    link.start()
+    try:
+        link.wait_connected(CONNECT_TIMEOUT_S)
+        link.publish(command_topic, encode_message(command), qos=1)
+        if not arrived.wait(ACK_TIMEOUT_S):
+            raise TransportError(
+                f"no answer from the coordinator within {ACK_TIMEOUT_S:g} s: is "
+                "`fedge coordinator run` running on this broker and fleet?",
+                reason="no_answer",
+            )
+    finally:
+        link.stop()
+    return answer[0]
+
+
+def _table(status: CoordinatorStatus | None) -> Table:
+    table = Table(title="fedge coordinator")
+    for column in ("state", "round", "model", "agents online", "selected", "updates", "detail"):
+        table.add_column(column)
+    if status is None:
+        table.add_row("no status yet", "", "", "", "", "", "")
+    else:
+        table.add_row(
+            status.state.value,
+            str(status.round or "-"),
+            status.model_version or "-",
+            str(status.agents_online),
+            str(status.selected),
+            str(status.updates_received),
+            status.detail or "",
+        )
+    return table
+
+
+def show_status(broker: BrokerAddress, topics: Topics, *, console: Console, watch: bool) -> None:
+    latest: list[CoordinatorStatus] = []
+    changed = threading.Event()
+
+    def on_message(_topic: str, payload: bytes) -> None:
+        try:
+            latest.append(decode_message(payload, CoordinatorStatus))
+        except FedgeError:
+            return
+        changed.set()
+
+    link = _link(broker, on_message)
+    link.subscribe(topics.coordinator_status(), qos=1)
+    link.start()
+    try:
+        link.wait_connected(CONNECT_TIMEOUT_S)
+        if not changed.wait(STATUS_TIMEOUT_S):
+            raise TransportError(
+                "no coordinator status on this broker and fleet yet", reason="no_status"
+            )
+        if not watch:
+            console.print(_table(latest[-1]))
+            return
+        with Live(_table(latest[-1]), console=console, refresh_per_second=4) as live:
+            while True:
+                changed.clear()
+                changed.wait(1.0)
+                live.update(_table(latest[-1]))
+    except KeyboardInterrupt:
+        return
+    finally:
+        link.stop()
