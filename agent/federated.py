@@ -120,6 +120,8 @@ class FederatedClient:
         self.bytes_down = 0
         self.bytes_up = 0
         self.last_report: dict[str, float | int | None] = {}
+        self._trainer: Trainer | None = None
+        self._trainer_key: tuple[str, str, int] | None = None
 
     # lifecycle
     def start(self) -> None:
@@ -201,14 +203,8 @@ class FederatedClient:
             return
         started = time.perf_counter()
         release = announcement.release
-        trainable = self.fetch(release.trainable)
         weights = decode_weights(self.fetch(release.weights))
-        trainer = make_trainer(
-            self._trainer_kind,
-            trainable_tflite=trainable,
-            model_name=release.model_name,
-            batch_size=release.train_batch_size,
-        )
+        trainer = self._trainer_for(release)
         trainer.set_weights(weights)
         x, y = self.dataset(release)
         if len(x) == 0:
@@ -262,6 +258,19 @@ class FederatedClient:
             report.num_examples,
             len(blob),
         )
+
+    def _trainer_for(self, release: ModelRelease) -> Trainer:
+        """One trainer per architecture: building (and for Keras, tracing) it is the slow part."""
+        key = (release.trainable.sha256, release.model_name, release.train_batch_size)
+        if self._trainer_key != key or self._trainer is None:
+            self._trainer = make_trainer(
+                self._trainer_kind,
+                trainable_tflite=self.fetch(release.trainable),
+                model_name=release.model_name,
+                batch_size=release.train_batch_size,
+            )
+            self._trainer_key = key
+        return self._trainer
 
     # data
     def dataset(self, release: ModelRelease) -> tuple[np.ndarray, np.ndarray]:

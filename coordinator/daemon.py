@@ -17,6 +17,7 @@ from coordinator.production import KerasModelProducer
 from coordinator.reference import DIGITS_LABELS, digits_preprocess_spec, load_digits_split
 from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
 from coordinator.state import CoordinatorState
+from coordinator.strategies import make_strategy
 from fedge.mqtt import MqttLink, Will, parse_broker_url
 from protocol.errors import FedgeError, MessageError
 from protocol.messages.agent import CommandAck
@@ -63,6 +64,7 @@ def plan_from_command(command: StartRounds) -> RoundPlan:
         config = RoundConfig.model_validate(config_fields, strict=False)
     except ValueError as exc:
         raise FedgeError(f"invalid round options: {exc}", reason="bad_options") from exc
+    make_strategy(command.strategy, **strategy_options)  # refuse a bad strategy at once
     return RoundPlan(
         rounds=command.rounds,
         min_agents=command.min_agents,
