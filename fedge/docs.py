@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic_settings import BaseSettings
+
 from protocol.chunks import CHUNK_HEADER_BYTES, DEFAULT_MAX_CHUNK_BYTES
 from protocol.messages.codec import MESSAGE_TYPES
 from protocol.topics import Topics
@@ -82,8 +84,18 @@ def chunking_facts() -> str:
 def agent_config_table() -> str:
     from agent.config import AgentConfig
 
+    return _config_table(AgentConfig)
+
+
+def coordinator_config_table() -> str:
+    from coordinator.config import CoordinatorConfig
+
+    return _config_table(CoordinatorConfig)
+
+
+def _config_table(settings_type: type[BaseSettings]) -> str:
     lines = ["| key (TOML) | environment | default |", "| --- | --- | --- |"]
-    for name, field in AgentConfig.model_fields.items():
+    for name, field in settings_type.model_fields.items():
         if field.default_factory is not None:
             default = "host name" if name == "agent_id" else "computed"
         elif field.default is None or field.default == ():
@@ -99,6 +111,7 @@ SECTIONS = {
     "messages": message_table,
     "chunking": chunking_facts,
     "agent-config": agent_config_table,
+    "coordinator-config": coordinator_config_table,
 }
 
 
