@@ -25,6 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from agent.augment import Augmenter
 from agent.model import ServingModel
 from agent.preprocess import decode_image, prepare_input
 from agent.store import SampleStore
@@ -206,13 +207,13 @@ class FederatedClient:
         weights = decode_weights(self.fetch(release.weights))
         trainer = self._trainer_for(release)
         trainer.set_weights(weights)
-        x, y = self.dataset(release)
+        config = announcement.config
+        x, y = self.dataset(release, augment_seed=config.seed if config.augment else None)
         if len(x) == 0:
             raise FedgeError(
                 f"round {number}: no samples with the model's labels to train on",
                 reason="no_samples",
             )
-        config = announcement.config
         report = trainer.train(
             x,
             y,
@@ -222,6 +223,7 @@ class FederatedClient:
                 learning_rate=config.learning_rate,
                 proximal_mu=config.proximal_mu,
                 seed=config.seed,
+                validation_fraction=config.validation_fraction,
             ),
         )
         deltas = [new - old for new, old in zip(trainer.get_weights(), weights, strict=True)]
@@ -273,9 +275,16 @@ class FederatedClient:
         return self._trainer
 
     # data
-    def dataset(self, release: ModelRelease) -> tuple[np.ndarray, np.ndarray]:
-        """The store's samples as model inputs and label indexes, in a stable order."""
+    def dataset(
+        self, release: ModelRelease, *, augment_seed: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The store's samples as model inputs and label indexes, in a stable order.
+
+        With ``augment_seed``, every image goes through the (seeded) training augmentation
+        before the release's preprocessing, so each round sees different variations.
+        """
         index = {label: i for i, label in enumerate(release.labels)}
+        augmenter = Augmenter(seed=augment_seed) if augment_seed is not None else None
         inputs, targets = [], []
         for sample in sorted(self._store.samples(), key=lambda s: s.sample_id):
             if sample.label not in index:
@@ -285,6 +294,8 @@ class FederatedClient:
             except FedgeError as exc:
                 logger.warning("sample %s unusable: %s", sample.sample_id, exc)
                 continue
+            if augmenter is not None:
+                image = augmenter.augment(image)
             inputs.append(prepare_input(image, release.preprocess))
             targets.append(index[sample.label])
         if not inputs:

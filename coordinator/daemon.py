@@ -300,7 +300,8 @@ class Coordinator:
 
 def _detail(progress: dict[str, Any], state: CoordinatorState) -> str | None:
     if progress:
-        return f"{progress['seconds_left']:.0f} s left"
+        kilobytes = progress.get("bytes_up", 0) / 1000
+        return f"{progress['seconds_left']:.0f} s left, {kilobytes:.1f} kB of updates in"
     done = [r for r in state.rounds() if r.state == "done"]
     if done and done[-1].metrics.get("accuracy") is not None:
         return f"round {done[-1].round} accuracy {done[-1].metrics['accuracy']:.3f}"

@@ -22,6 +22,7 @@ from coordinator.fleet import AgentInfo, Fleet, ReceivedUpdate
 from coordinator.state import CoordinatorState, StoredUpdate
 from coordinator.strategies import ClientUpdate, Strategy, make_strategy
 from coordinator.validation import validate_update
+from protocol.chunks import CHUNK_HEADER_BYTES
 from protocol.errors import FedgeError, ProtocolError
 from protocol.messages.agent import ErrorEvent
 from protocol.messages.rounds import ModelMetrics, ModelRelease, RoundAnnouncement, RoundConfig
@@ -238,7 +239,7 @@ class RoundRunner:
         bytes_up = 0
         while True:
             received = self.state.update_agents(number)
-            self._progress(number, announcement, received, deadline)
+            self._progress(number, announcement, received, (deadline, bytes_up))
             if selected <= received or self._stop_requested:
                 break
             remaining = deadline - self.fleet.now()
@@ -378,6 +379,7 @@ class RoundRunner:
             "selected": len(announcement.selected),
             "examples": total_examples,
             "bytes_up": bytes_up,
+            "bytes_down_per_agent": _download_bytes(announcement.release.weights),
             "version": release.version,
             "seconds": max(0.0, self.fleet.now() - started),
         }
@@ -420,18 +422,29 @@ class RoundRunner:
         return make_strategy(plan.strategy, **plan.strategy_options)
 
     def _progress(
-        self, number: int, announcement: RoundAnnouncement, received: set[str], deadline: float
+        self,
+        number: int,
+        announcement: RoundAnnouncement,
+        received: set[str],
+        deadline_and_bytes: tuple[float, int],
     ) -> None:
         if self._on_progress is None:
             return
+        deadline, bytes_up = deadline_and_bytes
         self._on_progress(
             {
                 "round": number,
                 "selected": len(announcement.selected),
                 "received": len(received),
                 "seconds_left": max(0.0, deadline - self.fleet.now()),
+                "bytes_up": bytes_up,
             }
         )
+
+
+def _download_bytes(ref: Any) -> int:
+    """What fetching one blob costs on the wire: its bytes plus a header per chunk."""
+    return int(ref.size_bytes + ref.chunk_count * CHUNK_HEADER_BYTES)
 
 
 def _can_train(agent: AgentInfo) -> bool:

@@ -83,7 +83,8 @@ class RoundConfig(Message):
     learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 0.05
     proximal_mu: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     update_encoding: UpdateEncoding = UpdateEncoding.FLOAT32
-    augment: bool = False
+    augment: bool = False  # augment training images as the preprocessing allows
+    validation_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
     seed: Count = 0
 
 
