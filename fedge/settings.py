@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings
 
 from protocol.errors import ConfigError
 
-__all__ = ["load_settings"]
+__all__ = ["load_settings", "write_toml"]
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -37,3 +37,11 @@ def load_settings(settings_type: type[S], path: Path | None, **overrides: Any) -
         raise ConfigError(f"invalid config: {problems}") from exc
     except ValueError as exc:  # TOML syntax errors
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
+
+
+def write_toml(path: Path, values: dict[str, Any]) -> None:
+    """Write a config file; ``None`` values are left out (TOML has no null)."""
+    import tomli_w
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps({k: v for k, v in values.items() if v is not None}))

@@ -1,0 +1,580 @@
+"""``fedge demo``: a whole fleet on one machine, in about a minute.
+
+An embedded broker (or ``--broker``), a coordinator, N agents as separate processes (each
+with its own non-IID share of the digits as labelled samples), and a camera streaming
+unlabelled digits. Agents serve live inference with whatever model the fleet has, while
+federated rounds improve it; mid-demo one agent is cut off and comes back, and the rounds
+go on. It ends with a summary table, a plot of accuracy per round (PNG) and a JSON report.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from protocol.errors import ConfigError, FedgeError, TransportError
+
+__all__ = ["DemoSettings", "run_demo"]
+
+logger = logging.getLogger(__name__)
+
+BROKER_USER = "fedge"
+BROKER_PASSWORD = "fedge-demo"  # noqa: S105 - a local throwaway broker's password
+CAMERA_ID = "demo-cam"
+START_TIMEOUT_S = 120.0
+LIVE_WINDOW_FRAMES = 40
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSettings:
+    agents: int = 4
+    rounds: int = 10
+    deadline_s: float = 8.0
+    fps: float = 4.0
+    broker_url: str | None = None
+    workdir: Path = Path("fedge-demo")
+    drop_agent: bool = True
+
+
+@dataclass
+class _Live:
+    """What the live view shows; written by callbacks, read by the render loop."""
+
+    results_by_version: dict[str, deque[bool]] = field(
+        default_factory=lambda: defaultdict(lambda: deque(maxlen=LIVE_WINDOW_FRAMES))
+    )
+    frames_sent: int = 0
+    events: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def note(self, text: str) -> None:
+        with self.lock:
+            self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
+            del self.events[:-6]
+
+
+@dataclass(frozen=True, slots=True)
+class _Broker:
+    url: str
+    username: str | None
+    password: str | None
+
+    def address(self) -> Any:
+        from fedge.mqtt import parse_broker_url
+
+        return parse_broker_url(self.url, username=self.username, password=self.password)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Processes:
+    """Every child process of the demo, ended together whatever happens."""
+
+    def __init__(self, logs: Path) -> None:
+        self._logs = logs
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        log = (self._logs / f"{name}.log").open("ab")
+        self.children[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+
+    def signal(self, name: str, signum: int) -> None:
+        child = self.children.get(name)
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    def kill(self, name: str) -> None:
+        child = self.children.get(name)
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+
+    def stop_all(self) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                child.terminate()
+        deadline = time.monotonic() + 15
+        for child in self.children.values():
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(5)
+
+
+def run_demo(settings: DemoSettings, console: Console) -> dict[str, Any]:
+    """Run the demo; returns the report that is also written to ``workdir/report.json``."""
+    if settings.agents < 2:
+        raise ConfigError("the demo needs at least 2 agents (one of them is cut off)")
+    workdir = settings.workdir.resolve()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    (workdir / "logs").mkdir(parents=True)
+    processes = _Processes(workdir / "logs")
+    resources: list[Any] = []
+    try:
+        return _run(settings, console, workdir, processes, resources)
+    finally:
+        for resource in reversed(resources):
+            try:
+                resource()
+            except FedgeError as exc:
+                logger.warning("shutdown step failed: %s", exc)
+        processes.stop_all()
+
+
+def _run(  # noqa: PLR0915 - one linear story, told in order
+    settings: DemoSettings,
+    console: Console,
+    workdir: Path,
+    processes: _Processes,
+    resources: list[Any],
+) -> dict[str, Any]:
+    from agent.store import SampleStore
+    from coordinator.config import load_coordinator_config
+    from coordinator.daemon import Coordinator
+    from coordinator.reference import load_digits_split, write_agent_shares
+    from protocol.signing import write_key_pair
+    from protocol.topics import Topics
+
+    started = time.monotonic()
+    topics = Topics(fleet="demo")
+    # 1. broker
+    if settings.broker_url is None:
+        port = _free_port()
+        broker_url = f"mqtt://127.0.0.1:{port}"
+        env = dict(os.environ, FEDGE_BROKER_PASSWORD=BROKER_PASSWORD)
+        processes.start(
+            "broker",
+            [sys.executable, "-m", "fedge.broker", "--port", str(port), "--username", BROKER_USER],
+            env,
+        )
+        _wait_for_port(port, processes, "broker")
+        username, password = BROKER_USER, BROKER_PASSWORD
+        console.print(f"[green]✓[/] embedded broker on {broker_url}")
+    else:
+        broker_url, username, password = settings.broker_url, None, None
+        console.print(f"[green]✓[/] using broker {broker_url}")
+    # 2. keys and data
+    private_key, public_key = write_key_pair(workdir / "keys")
+    shares = write_agent_shares(workdir / "shares", settings.agents)
+    agent_ids = [f"agent-{i}" for i in range(settings.agents)]
+    for agent_id, share in zip(agent_ids, shares, strict=True):
+        store = SampleStore(workdir / agent_id / "samples")
+        try:
+            imported = store.import_folder(share)
+        finally:
+            store.close()
+        console.print(
+            f"[green]✓[/] {agent_id}: {imported.added} labelled digits in its store "
+            "(its own non-IID share)"
+        )
+    # 3. coordinator
+    console.print("  building the model and its trainable LiteRT twin...")
+    coordinator = Coordinator(
+        load_coordinator_config(
+            broker_url=broker_url,
+            username=username,
+            password=password,
+            fleet=topics.fleet,
+            data_dir=workdir / "coordinator",
+            signing_key=private_key,
+            status_interval_s=3600.0,
+        )
+    )
+    coordinator.start()
+    resources.append(coordinator.stop)
+    console.print("[green]✓[/] coordinator up, model r0 published (untrained)")
+    # 4. agents
+    for agent_id in agent_ids:
+        _start_agent(
+            agent_id,
+            workdir,
+            processes,
+            broker_url,
+            (username, password),
+            public_key=public_key,
+            fleet=topics.fleet,
+        )
+    _wait_for_agents(coordinator, settings.agents, processes)
+    console.print(
+        f"[green]✓[/] {settings.agents} agents online (separate processes, "
+        "LiteRT, no TensorFlow needed)"
+    )
+    # 5. camera and results
+    live = _Live()
+    split = load_digits_split()
+    broker = _Broker(broker_url, username, password)
+    watcher = _results_watcher(broker, topics, split.y_test, live)
+    resources.append(watcher.stop)
+    camera_stop = threading.Event()
+    camera = threading.Thread(
+        target=_stream_camera,
+        args=(broker, topics, split.x_test, (camera_stop, live), settings.fps),
+        name="demo-camera",
+        daemon=True,
+    )
+    camera.start()
+    def stop_camera() -> None:
+        camera_stop.set()
+        camera.join(10)
+
+    resources.append(stop_camera)
+    # 6. rounds; mid-demo one agent freezes (as on a dead Wi-Fi link), then comes back
+    dropped = agent_ids[-1]
+    phases = _phases(settings)
+    with Live(
+        get_renderable=lambda: _view(coordinator, live, settings),
+        console=console,
+        refresh_per_second=4,
+    ):
+        for phase, phase_rounds in phases:
+            if phase == "freeze":
+                processes.signal(dropped, signal.SIGSTOP)
+                live.note(f"{dropped} cut off: frozen, its link silent, while still selected")
+            coordinator.run_plan_now(_plan(settings, phase_rounds))
+            if phase == "freeze":
+                processes.kill(dropped)
+                _start_agent(
+                    dropped,
+                    workdir,
+                    processes,
+                    broker_url,
+                    (username, password),
+                    public_key=public_key,
+                    fleet=topics.fleet,
+                )
+                _wait_for_agents(coordinator, settings.agents, processes)
+                live.note(f"{dropped} restarted and back online: it joins the next rounds")
+    console.print()
+    drop_round = _drop_round(settings)
+    camera_stop.set()
+    # 7. report
+    rounds = list(coordinator.state.rounds())
+    report = {
+        "agents": settings.agents,
+        "rounds": [
+            {
+                "round": r.round,
+                "state": r.state,
+                "selected": len(r.selected),
+                "updates": r.metrics.get("updates"),
+                "accuracy": r.metrics.get("accuracy"),
+                "bytes_up": r.metrics.get("bytes_up"),
+                "seconds": r.metrics.get("seconds"),
+                "reason": r.reason,
+            }
+            for r in rounds
+        ],
+        "dropped_agent": dropped if drop_round else None,
+        "dropped_in_round": drop_round,
+        "initial_accuracy": _initial_accuracy(coordinator),
+        "live_inference": {
+            version: float(np.mean(list(values)))
+            for version, values in sorted(live.results_by_version.items())
+            if values
+        },
+        "wall_seconds": time.monotonic() - started,
+    }
+    (workdir / "report.json").write_text(json.dumps(report, indent=2))
+    _plot(report, workdir / "accuracy.png")
+    console.print(_summary(report))
+    console.print(
+        f"report: {workdir / 'report.json'}; plot: {workdir / 'accuracy.png'}; "
+        f"logs: {workdir / 'logs'}"
+    )
+    return report
+
+
+def _drop_round(settings: DemoSettings) -> int | None:
+    return 3 if settings.drop_agent and settings.rounds >= 4 else None
+
+
+def _phases(settings: DemoSettings) -> list[tuple[str, int]]:
+    """Rounds before the fault, the round the fault hits, and the rounds after it."""
+    drop = _drop_round(settings)
+    if drop is None:
+        return [("normal", settings.rounds)]
+    return [("normal", drop - 1), ("freeze", 1), ("normal", settings.rounds - drop)]
+
+
+def _plan(settings: DemoSettings, rounds: int) -> Any:
+    from coordinator.rounds import RoundPlan
+    from protocol.messages.rounds import RoundConfig, UpdateEncoding
+
+    return RoundPlan(
+        rounds=rounds,
+        min_agents=settings.agents - 1,
+        deadline_s=settings.deadline_s,
+        config=RoundConfig(update_encoding=UpdateEncoding.INT8),
+    )
+
+
+def _start_agent(
+    agent_id: str,
+    workdir: Path,
+    processes: _Processes,
+    broker_url: str,
+    credentials: tuple[str | None, str | None],
+    *,
+    public_key: Path,
+    fleet: str,
+) -> None:
+    from fedge.settings import write_toml
+
+    config = workdir / agent_id / "agent.toml"
+    username, password = credentials
+    write_toml(
+        config,
+        {
+            "broker_url": broker_url,
+            "username": username,
+            "password": password,
+            "agent_id": agent_id,
+            "fleet": fleet,
+            "data_dir": str(workdir / agent_id),
+            "coordinator_key": str(public_key),
+            "trainer": "litert",
+            "status_interval_s": 2.0,
+            "max_fps": 20.0,
+        },
+    )
+    processes.start(
+        agent_id, [sys.executable, "-m", "fedge", "agent", "run", "--config", str(config)]
+    )
+
+
+def _wait_for_port(port: int, processes: _Processes, name: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if processes.children[name].poll() is not None:
+            raise TransportError(f"the {name} exited at start; see its log")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TransportError(f"the {name} did not open port {port}")
+
+
+def _wait_for_agents(coordinator: Any, count: int, processes: _Processes) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        able = [a for a in coordinator.fleet.agents().values() if a.online and a.can_train]
+        if len(able) >= count:
+            return
+        dead = [n for n, p in processes.children.items() if p.poll() is not None]
+        if dead:
+            raise TransportError(f"{', '.join(dead)} exited at start; see fedge-demo/logs")
+        time.sleep(0.2)
+    raise TransportError(f"only some of {count} agents came online in {START_TIMEOUT_S:g} s")
+
+
+def _results_watcher(broker: _Broker, topics: Any, truth: np.ndarray, live: _Live) -> Any:
+    from fedge.mqtt import MqttLink
+    from protocol.messages.agent import InferenceResult
+    from protocol.messages.codec import decode_message
+
+    def on_message(_topic: str, payload: bytes) -> None:
+        try:
+            result = decode_message(payload, InferenceResult)
+        except FedgeError:
+            return
+        index = int(result.frame_id.rsplit("-", 1)[-1]) % len(truth)
+        if result.predictions:
+            correct = result.predictions[0].label == str(int(truth[index]))
+            with live.lock:
+                live.results_by_version[result.model_version].append(correct)
+
+    link = MqttLink(
+        broker.address(),
+        client_id="fedge-demo-watcher",
+        clean_session=True,
+        on_message=on_message,
+    )
+    link.subscribe(topics.all_agent_results(), qos=0)
+    link.start()
+    link.wait_connected(30.0)
+    return link
+
+
+def _stream_camera(
+    broker: _Broker,
+    topics: Any,
+    images: np.ndarray,
+    control: tuple[threading.Event, _Live],
+    fps: float,
+) -> None:
+    from coordinator.reference import digit_images_uint8, digit_png
+    from fedge.mqtt import MqttLink
+    from protocol.frames import FrameMeta, encode_envelope
+
+    stop, live = control
+    link = MqttLink(
+        broker.address(),
+        client_id="fedge-demo-camera",
+        clean_session=True,
+    )
+    link.start()
+    try:
+        link.wait_connected(30.0)
+        frames = digit_images_uint8(images)
+        sequence = 0
+        while not stop.wait(1.0 / fps):
+            index = sequence % len(frames)
+            payload = encode_envelope(
+                digit_png(frames[index]),
+                FrameMeta(frame_id=f"{CAMERA_ID}-{index}", timestamp=time.time()),
+            )
+            link.publish(topics.camera_frames(CAMERA_ID), payload, qos=0)
+            sequence += 1
+            live.frames_sent = sequence
+    except FedgeError as exc:
+        live.note(f"camera stopped: {exc}")
+    finally:
+        link.stop()
+
+
+def _view(coordinator: Any, live: _Live, settings: DemoSettings) -> Group:
+    table = Table(title="federated rounds", expand=False)
+    for column in ("round", "state", "selected", "updates", "accuracy", "kB up", "seconds"):
+        table.add_column(column, justify="right")
+    for record in coordinator.state.rounds():
+        metrics = record.metrics
+        accuracy = metrics.get("accuracy")
+        table.add_row(
+            str(record.round),
+            record.state if not record.reason else "failed",
+            str(len(record.selected)),
+            str(metrics.get("updates", "…")),
+            f"{accuracy:.3f}" if accuracy is not None else "…",
+            f"{metrics.get('bytes_up', 0) / 1000:.1f}" if metrics else "…",
+            f"{metrics.get('seconds', 0):.1f}" if metrics else "…",
+        )
+    online = sum(1 for a in coordinator.fleet.agents().values() if a.online)
+    with live.lock:
+        inference = ", ".join(
+            f"{version}: {100 * float(np.mean(list(v))):.0f}%"
+            for version, v in sorted(live.results_by_version.items())[-3:]
+            if v
+        )
+        events = list(live.events)
+    lines = [
+        f"agents online: {online}/{settings.agents}   camera frames sent: {live.frames_sent}",
+        f"live inference accuracy by model (last {LIVE_WINDOW_FRAMES} results): "
+        f"{inference or 'waiting for results'}",
+        *events,
+    ]
+    return Group(table, *lines)
+
+
+def _initial_accuracy(coordinator: Any) -> float | None:
+    from protocol.messages.rounds import ModelRelease
+
+    text = coordinator.state.release_json("r0")
+    if text is None:
+        return None
+    metrics = ModelRelease.model_validate_json(text).metrics
+    return metrics.accuracy if metrics else None
+
+
+def _summary(report: dict[str, Any]) -> Table:
+    table = Table(title="fedge demo: summary")
+    for column in ("round", "selected", "updates", "accuracy", "kB up", "seconds", "note"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        "0", "-", "-", f"{report['initial_accuracy'] or 0:.3f}", "-", "-", "untrained model"
+    )
+    for entry in report["rounds"]:
+        note = ""
+        if entry["round"] == report["dropped_in_round"]:
+            note = f"{report['dropped_agent']} frozen; closed at the deadline by quorum"
+        if entry["reason"]:
+            note = entry["reason"]
+        accuracy = entry["accuracy"]
+        table.add_row(
+            str(entry["round"]),
+            str(entry["selected"]),
+            str(entry["updates"] or 0),
+            f"{accuracy:.3f}" if accuracy is not None else "-",
+            f"{(entry['bytes_up'] or 0) / 1000:.1f}",
+            f"{entry['seconds'] or 0:.1f}",
+            note,
+        )
+    return table
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    """Accuracy per round as a PNG, drawn with OpenCV (no plotting library needed)."""
+    import cv2
+
+    width, height, margin = 640, 400, 50
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    points = [(0, report["initial_accuracy"] or 0.0)] + [
+        (e["round"], e["accuracy"]) for e in report["rounds"] if e["accuracy"] is not None
+    ]
+    last_round = max(1, *(r for r, _ in points))
+
+    def xy(round_number: float, accuracy: float) -> tuple[int, int]:
+        x = margin + (width - 2 * margin) * round_number / last_round
+        y = height - margin - (height - 2 * margin) * accuracy
+        return int(x), int(y)
+
+    black, grey, blue = (0, 0, 0), (200, 200, 200), (200, 90, 20)
+    for tick in range(0, 11, 2):
+        y = xy(0, tick / 10)[1]
+        cv2.line(canvas, (margin, y), (width - margin, y), grey, 1)
+        cv2.putText(canvas, f"{tick / 10:.1f}", (8, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, black)
+    for round_number in range(last_round + 1):
+        x = xy(round_number, 0)[0]
+        cv2.putText(
+            canvas,
+            str(round_number),
+            (x - 4, height - margin + 18),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.4,
+            black,
+        )
+    cv2.line(canvas, (margin, height - margin), (width - margin, height - margin), black, 1)
+    cv2.line(canvas, (margin, margin), (margin, height - margin), black, 1)
+    pixels = [xy(r, a) for r, a in points]
+    for start, end in itertools.pairwise(pixels):
+        cv2.line(canvas, start, end, blue, 2, cv2.LINE_AA)
+    for pixel in pixels:
+        cv2.circle(canvas, pixel, 4, blue, -1, cv2.LINE_AA)
+    cv2.putText(
+        canvas,
+        "fedge demo: global model accuracy per round",
+        (margin, 30),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        0.6,
+        black,
+        1,
+        cv2.LINE_AA,
+    )
+    cv2.imwrite(str(path), canvas)
