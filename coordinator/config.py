@@ -42,6 +42,8 @@ class CoordinatorConfig(BaseSettings):
     with_inference_files: bool = False
     max_chunk_bytes: Annotated[int, Field(ge=CHUNK_HEADER_BYTES + 1)] = DEFAULT_MAX_CHUNK_BYTES
     status_interval_s: Annotated[float, Field(gt=0.0)] = 30.0
+    # observability: Prometheus text on http://<host>:<metrics_port>/metrics when set
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
 
     @field_validator("fleet")
     @classmethod

@@ -18,6 +18,7 @@ from coordinator.reference import DIGITS_LABELS, digits_preprocess_spec, load_di
 from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
 from coordinator.state import CoordinatorState
 from coordinator.strategies import make_strategy
+from fedge.metrics import MetricsServer, Registry
 from fedge.mqtt import MqttLink, Will, parse_broker_url
 from protocol.errors import FedgeError, MessageError
 from protocol.messages.agent import CommandAck
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 COMMAND_TYPES = (StartRounds, StopRounds, Ping, RequestStatus)
 MAX_COMMAND_BYTES = 64 * 1024
+ROUND_BUCKETS_S = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 _CONFIG_OPTIONS = {
     "epochs": int,
@@ -119,30 +121,41 @@ class Coordinator:
             max_chunk_bytes=config.max_chunk_bytes,
             with_inference_files=config.with_inference_files,
         )
+        self.metrics = Registry()
+        self._meter = _RoundMeter(self.metrics, current_round=self.state.last_round_number())
+        self.metrics_server = None
+        if config.metrics_port is not None:
+            self.metrics_server = MetricsServer(self.metrics, port=config.metrics_port)
         self.runner = RoundRunner(
             fleet=self.fleet,
             state=self.state,
             producer=self.producer,
             on_progress=self._on_progress,
+            on_outcome=self._meter.outcome,
         )
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._ready = threading.Event()
         self._progress: dict[str, Any] = {}
         self.outcomes: list[RoundOutcome] = []
 
     # lifecycle
     def start(self, *, wait_connected_s: float = 30.0) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.start()
+        # Read before connecting: a command arriving meanwhile must not look like a crash.
+        pending = self.runner.pending_plan()
         self.fleet.subscribe()
         self.link.start()
         self.link.wait_connected(wait_connected_s)
         release = self.runner.republish_current()
         logger.info("coordinator up; current model %s", release.version)
         self._publish_status(Phase.IDLE)
-        pending = self.runner.pending_plan()
         if pending is not None:
             logger.info("resuming an unfinished plan of %d rounds", pending.rounds)
             self._start_plan(pending)
+        self._ready.set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -160,6 +173,8 @@ class Coordinator:
                 on_ack=done.set,
             )
             done.wait(2.0)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.link.stop()
         self.state.close()
 
@@ -207,6 +222,11 @@ class Coordinator:
 
     def _handle(self, command: Message) -> dict[str, str | int | float | bool | None]:
         if isinstance(command, StartRounds):
+            if not self._ready.is_set():
+                raise FedgeError(
+                    "the coordinator is still starting; try again in a few seconds",
+                    reason="starting",
+                )
             plan = plan_from_command(command)
             if self.busy:
                 raise FedgeError("rounds are already running; stop them first", reason="busy")
@@ -256,6 +276,7 @@ class Coordinator:
                 state=self.state,
                 producer=self.producer,
                 on_progress=self._on_progress,
+                on_outcome=self._meter.outcome,
             )
             self._worker = threading.Thread(
                 target=self._run_plan, args=(plan,), name="coordinator-rounds", daemon=True
@@ -274,6 +295,7 @@ class Coordinator:
             self._publish_status(Phase.IDLE)
 
     def _on_progress(self, progress: dict[str, Any]) -> None:
+        self._meter.progress(progress)
         changed = progress != self._progress
         self._progress = progress
         if changed:
@@ -306,6 +328,56 @@ def _detail(progress: dict[str, Any], state: CoordinatorState) -> str | None:
     if done and done[-1].metrics.get("accuracy") is not None:
         return f"round {done[-1].round} accuracy {done[-1].metrics['accuracy']:.3f}"
     return None
+
+
+class _RoundMeter:
+    """The coordinator's Prometheus metrics, fed by round progress and round outcomes."""
+
+    def __init__(self, registry: Registry, *, current_round: int) -> None:
+        self.rounds = registry.counter(
+            "fedge_coordinator_rounds_total", "Rounds finished, by outcome.", ["outcome"]
+        )
+        for outcome in ("done", "failed"):
+            self.rounds.labels(outcome)
+        self.round = registry.gauge("fedge_coordinator_round", "The round running or last run.")
+        self.round.set(current_round)
+        self.updates = registry.counter(
+            "fedge_coordinator_updates_total", "Agent updates accepted into rounds."
+        )
+        self.bytes_up = registry.counter(
+            "fedge_coordinator_update_bytes_total", "Bytes of agent updates received."
+        )
+        self.accuracy = registry.gauge(
+            "fedge_coordinator_accuracy", "Held-out accuracy of the newest round's model."
+        )
+        self.seconds = registry.histogram(
+            "fedge_coordinator_round_seconds",
+            "Start to release, per round done.",
+            buckets=ROUND_BUCKETS_S,
+        )
+        self._lock = threading.Lock()
+        self._counted = (current_round, 0, 0)  # round, updates, bytes already counted
+
+    def progress(self, progress: dict[str, Any]) -> None:
+        # Progress reports running totals for the round; count only what is new.
+        number, received, bytes_up = progress["round"], progress["received"], progress["bytes_up"]
+        with self._lock:
+            counted_round, counted_updates, counted_bytes = self._counted
+            if number != counted_round:
+                counted_updates = counted_bytes = 0
+            self.updates.inc(max(0, received - counted_updates))
+            self.bytes_up.inc(max(0, bytes_up - counted_bytes))
+            self._counted = (number, received, bytes_up)
+        self.round.set(number)
+
+    def outcome(self, outcome: RoundOutcome) -> None:
+        self.round.set(outcome.round)
+        self.rounds.labels("done" if outcome.ok else "failed").inc()
+        if not outcome.ok:
+            return
+        if outcome.metrics.get("accuracy") is not None:
+            self.accuracy.set(float(outcome.metrics["accuracy"]))
+        self.seconds.observe(float(outcome.metrics.get("seconds", 0.0)))
 
 
 def _signing_key(config: CoordinatorConfig) -> SigningKey:

@@ -66,6 +66,10 @@ class MqttFleet(Fleet):
         self._round_filter: str | None = None
         self._published_blobs: set[str] = set()
         self._release_history: list[ModelRelease] = []
+        # Chunks are held only for agents selected in a round this fleet announced, and one
+        # error event is sent per agent and reason, so a flood costs neither memory nor noise.
+        self._selected: dict[int, frozenset[str]] = {}
+        self._reported: set[tuple[int, str, str]] = set()
         self.bytes_published = 0
 
     # wiring: the daemon routes the link's messages here
@@ -109,6 +113,8 @@ class MqttFleet(Fleet):
         return published
 
     def announce(self, announcement: RoundAnnouncement) -> None:
+        with self._lock:
+            self._selected[announcement.round] = frozenset(announcement.selected)
         self._follow_round(announcement.round)
         signed = self._key.sign(announcement.model_dump_json())
         self.link.publish(self.topics.round_current(), encode_message(signed), retain=True)
@@ -158,11 +164,22 @@ class MqttFleet(Fleet):
         self.link.subscribe(new_filter, qos=1)
         with self._lock:
             self._pending = {k: v for k, v in self._pending.items() if k[0] >= round_number}
+            self._selected = {r: s for r, s in self._selected.items() if r >= round_number}
+            self._reported = {k for k in self._reported if k[0] >= round_number}
 
     def _on_update_message(self, parsed: ParsedTopic, topic: str, payload: bytes) -> None:
         assert parsed.round is not None
         assert parsed.agent is not None
         key = (parsed.round, parsed.agent)
+        with self._lock:
+            selected = self._selected.get(parsed.round)
+        if selected is not None and parsed.agent not in selected:
+            self._report_once(
+                key,
+                "not_selected",
+                f"agent {parsed.agent} was not selected for round {parsed.round}",
+            )
+            return
         try:
             if parsed.kind is TopicKind.UPDATE_MANIFEST:
                 complete = decode_message(payload, UpdateComplete)
@@ -177,7 +194,7 @@ class MqttFleet(Fleet):
             else:
                 self._on_chunk(key, payload)
         except FedgeError as exc:
-            self.report_error(exc.reason, f"update message on {topic} refused: {exc}")
+            self._report_once(key, exc.reason, f"update message on {topic} refused: {exc}")
 
     def _on_complete(self, key: tuple[int, str], complete: UpdateComplete) -> None:
         manifest = BlobManifest(
@@ -212,6 +229,7 @@ class MqttFleet(Fleet):
         self._maybe_done(key)
 
     def _feed(self, key: tuple[int, str], payload: bytes) -> None:
+        refused: FedgeError | None = None
         with self._lock:
             pending = self._pending.get(key)
             if pending is None or pending.reassembler is None:
@@ -219,7 +237,10 @@ class MqttFleet(Fleet):
             try:
                 pending.reassembler.add(payload)
             except FedgeError as exc:
-                self.report_error(exc.reason, f"update chunk from {key[1]} refused: {exc}")
+                refused = exc
+        if refused is not None:  # reported outside the lock: reporting takes it too
+            message = f"update chunk from {key[1]} refused: {refused}"
+            self._report_once(key, refused.reason, message)
 
     def _maybe_done(self, key: tuple[int, str]) -> None:
         with self._lock:
@@ -237,6 +258,13 @@ class MqttFleet(Fleet):
             self.report_error(exc.reason, f"update from {key[1]} refused: {exc}")
             return
         self._updates.put(ReceivedUpdate(complete, payload, bytes_received))
+
+    def _report_once(self, key: tuple[int, str], reason: str, message: str) -> None:
+        with self._lock:
+            first = (key[0], key[1], reason) not in self._reported
+            self._reported.add((key[0], key[1], reason))
+        if first:
+            self.report_error(reason, message)
 
     def report_error(self, reason: str, message: str) -> None:
         logger.warning("%s", message)

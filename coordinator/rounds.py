@@ -104,6 +104,7 @@ class RoundOutcome:
 
 
 ProgressCallback = Callable[[dict[str, Any]], None]
+OutcomeCallback = Callable[[RoundOutcome], None]
 
 
 class RoundRunner:
@@ -116,11 +117,13 @@ class RoundRunner:
         state: CoordinatorState,
         producer: ModelProducer,
         on_progress: ProgressCallback | None = None,
+        on_outcome: OutcomeCallback | None = None,
     ) -> None:
         self.fleet = fleet
         self.state = state
         self.producer = producer
         self._on_progress = on_progress
+        self._on_outcome = on_outcome
         self._stop_requested = False
 
     # releases
@@ -157,6 +160,8 @@ class RoundRunner:
         while done < plan.rounds and not self._stop_requested:
             outcome = self.run_round(plan)
             outcomes.append(outcome)
+            if self._on_outcome is not None:
+                self._on_outcome(outcome)
             done += 1
             self.state.put("plan_rounds_done", done)
         self.state.put("plan", None)

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -331,7 +331,9 @@ def _read_text(path: Path) -> str:
         return ""
 
 
-def mosquitto_config(workdir: Path, port: int, host: str = LOOPBACK) -> str:
+def mosquitto_config(
+    workdir: Path, port: int, host: str = LOOPBACK, extra_config: Sequence[str] = ()
+) -> str:
     """The test broker's mosquitto.conf (Mosquitto 2.0).
 
     - ``set_tcp_nodelay true``: without it a QoS 1 round trip costs about 90 ms (Nagle plus
@@ -348,6 +350,9 @@ def mosquitto_config(workdir: Path, port: int, host: str = LOOPBACK) -> str:
       never drops QoS 1 messages queued for a slow or offline test client.
     - ``user``: as root, Mosquitto would otherwise switch to the ``mosquitto`` user and
       lose access to its own work directory.
+
+    ``extra_config`` lines come last; for a single-valued option such as
+    ``max_packet_size`` the last occurrence wins, so they override the settings above.
     """
     return "\n".join(
         [
@@ -370,6 +375,7 @@ def mosquitto_config(workdir: Path, port: int, host: str = LOOPBACK) -> str:
             "log_type notice",
             "log_type information",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+            *extra_config,
             "",
         ]
     )
@@ -381,14 +387,22 @@ class MosquittoProcess(BrokerProcess):
     kind = "mosquitto"
 
     def __init__(
-        self, binary: Path, workdir: Path, *, port: int | None = None, host: str = LOOPBACK
+        self,
+        binary: Path,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        host: str = LOOPBACK,
+        extra_config: Sequence[str] = (),
     ) -> None:
         super().__init__(workdir, port=port, host=host)
         self.binary = binary
         self.config_path = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
         self.database_path = workdir / "mosquitto.db"
-        self.config_path.write_text(mosquitto_config(workdir, self.port, host), encoding="utf-8")
+        self.config_path.write_text(
+            mosquitto_config(workdir, self.port, host, extra_config), encoding="utf-8"
+        )
 
     def _command(self) -> list[str]:
         return [str(self.binary), "-c", str(self.config_path)]

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +73,49 @@ class AgentProcess:
 
 
 @dataclass
+class CoordinatorProcess:
+    """``fedge coordinator run`` as a separate process, so a test can SIGKILL it."""
+
+    config_path: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedge",
+                "coordinator",
+                "run",
+                "--config",
+                str(self.config_path),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+        )
+        log.close()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
 class Federation:
     root: Path
     broker: Any
@@ -80,6 +123,7 @@ class Federation:
     agents: list[AgentProcess] = field(default_factory=list)
     coordinator: Coordinator | None = None
     key_paths: tuple[Path, Path] | None = None
+    coordinator_process: CoordinatorProcess | None = None
 
     def coordinator_config(self, **extra: Any) -> dict[str, Any]:
         assert self.key_paths is not None
@@ -101,6 +145,14 @@ class Federation:
         self.coordinator.start()
         return self.coordinator
 
+    def start_coordinator_process(self, **extra: Any) -> CoordinatorProcess:
+        """The coordinator as ``fedge coordinator run --config <root>/coordinator.toml``."""
+        config_path = self.root / "coordinator.toml"
+        config_path.write_text(agent_toml(self.coordinator_config(**extra)))
+        self.coordinator_process = CoordinatorProcess(config_path, self.root / "coordinator.log")
+        self.coordinator_process.start()
+        return self.coordinator_process
+
     def wait_for_agents(self, count: int, timeout_s: float = AGENTS_ONLINE_TIMEOUT_S) -> None:
         assert self.coordinator is not None
         deadline = time.monotonic() + timeout_s
@@ -119,6 +171,8 @@ class Federation:
             agent.stop()
         if self.coordinator is not None:
             self.coordinator.stop()
+        if self.coordinator_process is not None:
+            self.coordinator_process.stop()
 
 
 def agent_toml(settings: dict[str, Any]) -> str:
@@ -142,9 +196,14 @@ def federation(
     num_agents: int,
     trainer: str = "litert",
     block_tensorflow: bool = True,
+    per_agent: Mapping[str, Mapping[str, Any]] | None = None,
     **agent_extra: Any,
 ) -> Iterator[Federation]:
-    """Keys, data shares, agent processes; the caller starts the coordinator."""
+    """Keys, data shares, agent processes; the caller starts the coordinator.
+
+    ``per_agent`` maps an agent id (``agent-00``, ...) to settings for that agent only,
+    such as its own broker ``username`` and ``password``; they win over ``agent_extra``.
+    """
     fed = Federation(root=root, broker=broker, topics=topics)
     fed.key_paths = write_key_pair(root / "keys")
     shares = write_agent_shares(root / "shares", num_agents)
@@ -174,6 +233,7 @@ def federation(
             if getattr(broker, key, None):
                 settings[key] = getattr(broker, key)
         settings |= agent_extra
+        settings |= (per_agent or {}).get(agent_id, {})
         config_path = data_dir / "agent.toml"
         config_path.write_text(agent_toml(settings))
         fed.agents.append(
