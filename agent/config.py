@@ -74,6 +74,12 @@ class AgentConfig(BaseSettings):
     coordinator_key: Path | None = None
     trainer: Literal["auto", "litert", "keras"] = "auto"
     follow_fleet_models: bool = True
+    # observability: Prometheus text on http://<host>:<metrics_port>/metrics when set
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    home_assistant_discovery: bool = False
+    home_assistant_prefix: Annotated[
+        str, Field(pattern=r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
+    ] = "homeassistant"
 
     @field_validator("agent_id", "fleet")
     @classmethod

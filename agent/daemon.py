@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from agent.cleaning import CleaningPolicy, FrameCleaner
 from agent.config import AgentConfig
+from agent.discovery import agent_discovery
 from agent.federated import FederatedClient
 from agent.intake import FrameIntake, PendingFrame
 from agent.model import ServingModel, load_serving_model
@@ -27,6 +28,7 @@ from agent.pipeline import FrameProcessor, InferenceOptions
 from agent.store import SampleStore
 from agent.training import available_trainers
 from fedge import __version__
+from fedge.metrics import Histogram, MetricsServer, Registry
 from fedge.mqtt import MqttLink, Will, parse_broker_url
 from protocol.errors import ConfigError, FedgeError, MessageError, TopicError
 from protocol.messages.agent import (
@@ -123,9 +125,21 @@ class Agent:
         self._command_topic = self.topics.agent_commands(config.agent_id)
         self._frame_filters = config.effective_frame_topics
         self.federated = self._federated_client()
+        self.metrics = Registry()
+        self._frame_seconds = _agent_metrics(self)
+        self.metrics_server = None
+        if config.metrics_port is not None:
+            self.metrics_server = MetricsServer(self.metrics, port=config.metrics_port)
+        self._discovery = []
+        if config.home_assistant_discovery:
+            self._discovery = agent_discovery(
+                self.topics, config.agent_id, prefix=config.home_assistant_prefix
+            )
 
     # lifecycle
     def start(self, *, wait_connected_s: float | None = None) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         for topic_filter in self._frame_filters:
             self.link.subscribe(topic_filter, qos=0)
         self.link.subscribe(self._command_topic, qos=1)
@@ -166,6 +180,8 @@ class Agent:
             self.federated.stop()
         for thread in self._threads:
             thread.join(5.0)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.link.stop()
         self.outbox.close()
         self.store.close()
@@ -216,6 +232,9 @@ class Agent:
         return cleaned or "camera"
 
     def _on_connected(self, _session_present: bool) -> None:
+        # Retained and idempotent: Home Assistant sees the device before its first state.
+        for entity in self._discovery:
+            self.link.publish(entity.topic, entity.payload, retain=True)
         self._publish_status()
 
     # inference
@@ -250,6 +269,7 @@ class Agent:
                 reliable=self.config.reliable_results,
             )
             self.intake.finish(processed=True)  # counted once the result is queued
+            self._frame_seconds.observe(outcome.result.timings.total_ms / 1000.0)
 
     def _remember(self, frame_id: str, source: str, image: bytes) -> None:
         with self._recent_lock:
@@ -511,6 +531,48 @@ class Agent:
         )
         thread.start()
         self._threads.append(thread)
+
+
+def _agent_metrics(agent: Agent) -> Histogram:
+    """Register the agent's metrics; counts kept by the intake and outbox are read on scrape."""
+    registry, counts = agent.metrics, agent.intake.counts
+    registry.counter(
+        "fedge_agent_frames_received_total", "Frames that arrived on a frame topic."
+    ).set_function(lambda: counts.received)
+    registry.counter(
+        "fedge_agent_frames_processed_total", "Frames whose result was queued."
+    ).set_function(lambda: counts.processed)
+    dropped = registry.counter(
+        "fedge_agent_frames_dropped_total", "Frames dropped before inference.", ["reason"]
+    )
+    dropped.labels("stale").set_function(lambda: counts.dropped_stale)
+    dropped.labels("rate").set_function(lambda: counts.dropped_rate)
+    registry.counter(
+        "fedge_agent_frames_rejected_total", "Frames refused or failed in the pipeline."
+    ).set_function(lambda: counts.rejected)
+    registry.counter("fedge_agent_errors_total", "Error events published.").set_function(
+        lambda: agent.errors_emitted
+    )
+    registry.gauge(
+        "fedge_agent_outbox_messages", "Messages waiting for the broker's acknowledgement."
+    ).set_function(lambda: len(agent.outbox))
+    registry.counter(
+        "fedge_agent_outbox_dropped_total", "Results dropped from a full outbox."
+    ).set_function(lambda: agent.outbox.dropped)
+    model = registry.gauge(
+        "fedge_agent_model_info", "The model being served (always 1).", ["version"]
+    )
+
+    def refresh_model() -> None:
+        version = agent.serving.version if agent.serving else "none"
+        if model.label_values() != [(version,)]:
+            model.clear()
+            model.labels(version).set(1)
+
+    registry.on_collect(refresh_model)
+    return registry.histogram(
+        "fedge_agent_frame_seconds", "Decode to result (timings.total_ms) per processed frame."
+    )
 
 
 def _sibling(path: Path, name: str) -> Path | None:
