@@ -339,6 +339,13 @@ _BROKER_OPTIONS = [
     ),
     click.option("--username", default=None, envvar="FEDGE_USERNAME"),
     click.option("--password", default=None, envvar="FEDGE_PASSWORD"),
+    click.option(
+        "--ca-file",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        default=None,
+        envvar="FEDGE_CA_FILE",
+        help="CA certificate for mqtts://.",
+    ),
     click.option("--fleet", default="default", show_default=True, envvar="FEDGE_FLEET"),
     click.option(
         "--root", "topic_root", default="fedge", show_default=True, envvar="FEDGE_TOPIC_ROOT"
@@ -396,8 +403,10 @@ def round_group() -> None:
 )
 def round_start(
     broker_url: str,
+    *,
     username: str | None,
     password: str | None,
+    ca_file: Path | None,
     fleet: str,
     topic_root: str,
     **settings: object,
@@ -435,7 +444,7 @@ def round_start(
     )
     topics = Topics(root=topic_root, fleet=fleet)
     ack = send_command(
-        parse_broker_url(broker_url, username=username, password=password),
+        parse_broker_url(broker_url, username=username, password=password, ca_file=ca_file),
         command_topic=topics.coordinator_commands(),
         events_topic=topics.coordinator_events(),
         command=command,
@@ -454,11 +463,12 @@ def round_start(
 @click.option("--watch", is_flag=True, help="Keep showing the live state until Ctrl-C.")
 def round_status(
     broker_url: str,
+    *,
     username: str | None,
     password: str | None,
+    ca_file: Path | None,
     fleet: str,
     topic_root: str,
-    *,
     watch: bool,
 ) -> None:
     """Show the coordinator's state: round, agents online, updates received, time left.
@@ -473,7 +483,7 @@ def round_status(
     from protocol.topics import Topics
 
     show_status(
-        parse_broker_url(broker_url, username=username, password=password),
+        parse_broker_url(broker_url, username=username, password=password, ca_file=ca_file),
         Topics(root=topic_root, fleet=fleet),
         console=console,
         watch=watch,
@@ -586,13 +596,15 @@ def demo(
         raise SystemExit(130) from None
 
 
-def _register_camera() -> None:
+def _register_commands() -> None:
     from fedge.camera import camera_command
+    from fedge.deploy import deploy_group
 
     cli.add_command(camera_command)
+    cli.add_command(deploy_group)
 
 
-_register_camera()
+_register_commands()
 
 
 def main() -> None:

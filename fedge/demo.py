@@ -240,6 +240,7 @@ def _run(  # noqa: PLR0915 - one linear story, told in order
         daemon=True,
     )
     camera.start()
+
     def stop_camera() -> None:
         camera_stop.set()
         camera.join(10)

@@ -106,18 +106,50 @@ def _config_table(settings_type: type[BaseSettings]) -> str:
     return "\n".join(lines)
 
 
+def cli_reference() -> str:
+    """Every ``fedge`` command with its summary and options, walked from the click tree."""
+    import click
+
+    from fedge.cli import cli
+
+    lines: list[str] = []
+
+    def visit(command: click.Command, path: list[str], parent: click.Context | None) -> None:
+        context = click.Context(command, info_name=path[-1], parent=parent)
+        if isinstance(command, click.Group):
+            for name in sorted(command.list_commands(context)):
+                sub = command.get_command(context, name)
+                if sub is not None and not sub.hidden:
+                    visit(sub, [*path, name], context)
+            return
+        summary = (command.help or "").strip().split("\n\n")[0].replace("\n", " ")
+        lines.extend([f"**`{' '.join(path)}`**: {summary}", ""])
+        records = [p.get_help_record(context) for p in command.get_params(context)]
+        rows = [r for r in records if r is not None]
+        if rows:
+            lines.extend(["| option | meaning |", "| --- | --- |"])
+            for option, meaning in rows:
+                cell = meaning.replace("|", "\\|").replace("\n", " ")
+                lines.append(f"| `{option}` | {cell} |")
+            lines.append("")
+
+    visit(cli, ["fedge"], None)
+    return "\n".join(lines).rstrip()
+
+
 SECTIONS = {
     "topics": topic_table,
     "messages": message_table,
     "chunking": chunking_facts,
     "agent-config": agent_config_table,
     "coordinator-config": coordinator_config_table,
+    "cli": cli_reference,
 }
 
 
 def _replacer(render: Callable[[], str]) -> Callable[[re.Match[str]], str]:
     def replace(match: re.Match[str]) -> str:
-        return match.group(1) + render() + match.group(2)
+        return match.group(1) + render().rstrip("\n") + "\n" + match.group(2)
 
     return replace
 
@@ -126,10 +158,18 @@ def render_readme(text: str) -> str:
     """Replace every ``<!-- generated:NAME -->...<!-- /generated:NAME -->`` block."""
     for name, render in SECTIONS.items():
         pattern = re.compile(
-            rf"(<!-- generated:{name} -->\n).*?(\n<!-- /generated:{name} -->)", re.DOTALL
+            rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.DOTALL
         )
         text = pattern.sub(_replacer(render), text)
     return text
+
+
+def generated_section(text: str, name: str) -> str:
+    """The current content of one generated block (empty if the block is missing)."""
+    match = re.search(
+        rf"<!-- generated:{name} -->\n(.*?)<!-- /generated:{name} -->", text, re.DOTALL
+    )
+    return match.group(1) if match else ""
 
 
 def main() -> int:

@@ -163,6 +163,10 @@ class MqttLink:
         if will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         client.on_socket_open = _set_tcp_nodelay
+        # Writes happen on the network thread only: without this, paho (which does not know
+        # our thread runs its loop) writes a publish from the caller's thread straight into
+        # the socket, racing the network thread, which garbles TLS records.
+        client.on_socket_register_write = _leave_writes_to_the_loop
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
@@ -240,7 +244,13 @@ class MqttLink:
         reconnect; the agent's outbox covers a restart of the process itself.
         """
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc not in {MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN}:
+        # NO_CONN and CONN_LOST: the message stays queued in paho and goes out on reconnect.
+        queued = {
+            MQTTErrorCode.MQTT_ERR_SUCCESS,
+            MQTTErrorCode.MQTT_ERR_NO_CONN,
+            MQTTErrorCode.MQTT_ERR_CONN_LOST,
+        }
+        if info.rc not in queued:
             raise TransportError(f"publish to {topic!r} refused: {paho.error_string(info.rc)}")
         callback = on_ack or _nothing
         # The broker's ack may come back before publish() returned the message id.
@@ -370,6 +380,10 @@ class MqttLink:
             )
         except (ssl.SSLError, ValueError, OSError) as exc:
             raise ConfigError(f"TLS set-up failed: {exc}") from exc
+
+
+def _leave_writes_to_the_loop(_client: paho.Client, _userdata: Any, _sock: Any) -> None:
+    return None
 
 
 def _set_tcp_nodelay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
