@@ -92,3 +92,48 @@ def test_agent_config_errors_are_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "agent_id" in result.output
     assert "Traceback" not in result.output
+
+
+def _leaf_commands() -> list[tuple[str, object]]:
+    import click
+
+    leaves: list[tuple[str, object]] = []
+
+    def visit(command: click.Command, path: list[str], parent: click.Context | None) -> None:
+        context = click.Context(command, info_name=path[-1], parent=parent)
+        if isinstance(command, click.Group):
+            for name in command.list_commands(context):
+                sub = command.get_command(context, name)
+                assert sub is not None
+                visit(sub, [*path, name], context)
+        else:
+            leaves.append((" ".join(path[1:]), command))
+
+    visit(cli, ["fedge"], None)
+    return leaves
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _leaf_commands()])
+def test_every_command_has_help_with_examples(name: str) -> None:
+    result = CliRunner().invoke(cli, [*name.split(), "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Examples:" in result.output, name
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["agent", "run", "--config", "/nonexistent/agent.toml"],
+        ["round", "start", "--deadline", "soon"],
+        ["round", "start", "--option", "novalue"],
+        ["camera", "/nonexistent/folder"],
+        ["demo", "--agents", "1"],
+        ["keys", "generate", "--name", "bad/name"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_user_mistakes_get_one_clear_line_and_no_traceback(args: list[str]) -> None:
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "rror" in result.output
