@@ -130,7 +130,7 @@ def test_every_command_has_help_with_examples(name: str) -> None:
         ["demo", "--agents", "1"],
         ["keys", "generate", "--name", "bad/name"],
     ],
-    ids=lambda a: " ".join(a),
+    ids=" ".join,
 )
 def test_user_mistakes_get_one_clear_line_and_no_traceback(args: list[str]) -> None:
     result = CliRunner().invoke(cli, args)
