@@ -10,17 +10,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
 
-from fedge.settings import load_settings
+from fedge.settings import FedgeSettings, load_settings
 from protocol.errors import TopicError
 from protocol.frames import DEFAULT_MAX_FRAME_BYTES
-from protocol.topics import DEFAULT_FLEET, DEFAULT_ROOT, Topics, validate_filter, validate_id
+from protocol.topics import validate_filter, validate_id
 
 __all__ = ["AgentConfig", "load_agent_config"]
 
@@ -30,24 +24,11 @@ def _default_agent_id() -> str:
     return (name or "agent")[:64]
 
 
-class AgentConfig(BaseSettings):
+class AgentConfig(FedgeSettings):
     """Everything an agent can be told. Field names double as TOML keys and env names."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="FEDGE_", extra="forbid", frozen=True, env_nested_delimiter="__"
-    )
-
-    # broker
-    broker_url: str = "mqtt://127.0.0.1:1883"
-    username: str | None = None
-    password: str | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
     # identity and topics
     agent_id: Annotated[str, Field(default_factory=_default_agent_id)]
-    fleet: str = DEFAULT_FLEET
-    topic_root: str = DEFAULT_ROOT
     frame_topics: tuple[str, ...] = ()  # empty: the fleet's camera topics
     # model and inference
     model_path: Path | None = None
@@ -74,18 +55,17 @@ class AgentConfig(BaseSettings):
     coordinator_key: Path | None = None
     trainer: Literal["auto", "litert", "keras"] = "auto"
     follow_fleet_models: bool = True
-    # observability: Prometheus text on http://<host>:<metrics_port>/metrics when set
-    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    # observability
     home_assistant_discovery: bool = False
     home_assistant_prefix: Annotated[
         str, Field(pattern=r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
     ] = "homeassistant"
 
-    @field_validator("agent_id", "fleet")
+    @field_validator("agent_id")
     @classmethod
     def _valid_id(cls, value: str) -> str:
         try:
-            return validate_id(value)
+            return validate_id(value, what="agent id")
         except TopicError as exc:
             raise ValueError(str(exc)) from exc
 
@@ -97,33 +77,9 @@ class AgentConfig(BaseSettings):
         except TopicError as exc:
             raise ValueError(str(exc)) from exc
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment beats the file; explicit arguments (the CLI's) beat both. No .env
-        # files and no secrets directory: an agent's settings live in one visible place.
-        del dotenv_settings, file_secret_settings
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
-
-    @property
-    def topics(self) -> Topics:
-        return Topics(root=self.topic_root, fleet=self.fleet)
-
     @property
     def effective_frame_topics(self) -> tuple[str, ...]:
         return self.frame_topics or (self.topics.all_camera_frames(),)
-
-    def redacted(self) -> dict[str, Any]:
-        values = self.model_dump(mode="json")
-        if values.get("password"):
-            values["password"] = "***"  # noqa: S105 - the mask, not a password
-        return values
 
 
 def load_agent_config(path: Path | None = None, **overrides: Any) -> AgentConfig:

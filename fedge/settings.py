@@ -3,14 +3,70 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, TopicError
+from protocol.topics import DEFAULT_FLEET, DEFAULT_ROOT, Topics, validate_id
 
-__all__ = ["load_settings", "write_toml"]
+__all__ = ["FedgeSettings", "load_settings", "write_toml"]
+
+
+class FedgeSettings(BaseSettings):
+    """What every fedge process is told: its broker, its fleet, where to serve metrics."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDGE_", extra="forbid", frozen=True)
+
+    broker_url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    fleet: str = DEFAULT_FLEET
+    topic_root: str = DEFAULT_ROOT
+    # observability: Prometheus text on http://<host>:<metrics_port>/metrics when set
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+
+    @field_validator("fleet")
+    @classmethod
+    def _valid_fleet(cls, value: str) -> str:
+        try:
+            return validate_id(value, what="fleet")
+        except TopicError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file; explicit arguments (the CLI's) beat both. No .env
+        # files and no secrets directory: settings live in one visible place.
+        del dotenv_settings, file_secret_settings
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(root=self.topic_root, fleet=self.fleet)
+
+    def redacted(self) -> dict[str, Any]:
+        values = self.model_dump(mode="json")
+        if values.get("password"):
+            values["password"] = "***"  # noqa: S105 - the mask, not a password
+        return values
+
 
 S = TypeVar("S", bound=BaseSettings)
 
