@@ -341,7 +341,7 @@ class _DeployGroup(click.Group):
             raise _UsageFailure(str(exc)) from exc
 
 
-@click.group("deploy", cls=_DeployGroup)
+@click.group("deploy", cls=_DeployGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def deploy_group() -> None:
     """Production set-up: broker users, passwords and ACLs."""
 

@@ -8,12 +8,14 @@ it), ``fresh_mosquitto`` (per test, free to stop, kill and restart) and ``amqtt_
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
 import shutil
 import subprocess
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -185,3 +187,25 @@ def logged_errors(request: pytest.FixtureRequest) -> Iterator[list[logging.LogRe
             f"@pytest.mark.{ALLOW_LOGGED_ERRORS} if expected):\n{details}",
             pytrace=False,
         )
+
+
+_leaks = logging.getLogger("tests.leaks")
+
+
+@pytest.fixture(autouse=True)
+def collect_network_garbage(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a broker or system test, collect its garbage at once and report leaked sockets.
+
+    A socket left open inside a reference cycle is only found by the garbage collector,
+    whenever it next runs: its ResourceWarning would then fail some later, unrelated test.
+    Collecting here pins the report on the test that made the garbage (as a warning in the
+    log, naming the socket) and keeps unrelated tests deterministic.
+    """
+    yield
+    if not any(request.node.get_closest_marker(m) for m in ("broker", "system")):
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    for warning in caught:
+        _leaks.warning("%s left %s", request.node.nodeid, warning.message)

@@ -100,7 +100,9 @@ def _leaf_commands() -> list[tuple[str, object]]:
     leaves: list[tuple[str, object]] = []
 
     def visit(command: click.Command, path: list[str], parent: click.Context | None) -> None:
-        context = click.Context(command, info_name=path[-1], parent=parent)
+        # As make_context does: a command's own context settings (-h for help) apply.
+        settings = dict(command.context_settings) if parent is None else {}
+        context = click.Context(command, info_name=path[-1], parent=parent, **settings)
         if isinstance(command, click.Group):
             for name in command.list_commands(context):
                 sub = command.get_command(context, name)
