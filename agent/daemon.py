@@ -102,6 +102,7 @@ class Agent:
         self._recent_lock = threading.Lock()
         self._commands: queue.Queue[tuple[str, bytes]] = queue.Queue(MAX_PENDING_COMMANDS)
         self._stopping = threading.Event()
+        self._stopped = False
         self._threads: list[threading.Thread] = []
         self._in_flight: set[int] = set()
         self._in_flight_lock = threading.Lock()
@@ -162,8 +163,10 @@ class Agent:
         )
 
     def stop(self) -> None:
-        if self._stopping.is_set():
+        # request_stop() (a signal) only asks; this does the work, once.
+        if self._stopped:
             return
+        self._stopped = True
         self._stopping.set()
         self.intake.close()
         if self.link.is_connected:

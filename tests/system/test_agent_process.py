@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ import pytest
 
 from coordinator.tflite_export import ReferenceModels
 from protocol.messages.agent import AgentStatus, InferenceResult
+from protocol.messages.codec import decode_message
 from protocol.topics import Topics
 from tests.agent.agent_helpers import (
     RESULT_TIMEOUT_S,
@@ -152,3 +153,41 @@ def test_mosquitto_pub_file_gives_a_result(
     (result,) = decoded([message])
     assert result.source == "door"
     assert result.predictions[0].label == str(truth[0])
+
+
+def test_sigterm_publishes_a_graceful_offline_status(
+    mosquitto: MosquittoProcess,
+    topics: Topics,
+    reference_models: ReferenceModels,
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "agent.toml"
+    write_agent_toml(config, agent_settings(mosquitto, topics, tmp_path / "data", reference_models))
+    collector = MessageCollector()
+    watcher = mqtt_client(mosquitto, collector=collector)
+    subscribe(watcher, topics.agent_status("pi-1"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedge", "agent", "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def state_is(state: str) -> Callable[[list[Received]], bool]:
+            def check(messages: list[Received]) -> bool:
+                statuses = [decode_message(m.payload, AgentStatus) for m in messages]
+                return bool(statuses) and statuses[-1].state == state
+
+            return check
+
+        collector.wait_for(state_is("online"), RESULT_TIMEOUT_S)
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, output.decode(errors="replace")
+        collector.wait_for(state_is("offline"), RESULT_TIMEOUT_S)
+        last = decode_message(collector.messages[-1].payload, AgentStatus)
+        assert last.timestamp > 0  # the agent said goodbye itself; the LWT carries 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        disconnect(watcher)
