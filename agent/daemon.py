@@ -330,14 +330,7 @@ class Agent:
         message: str | None = None,
         detail: CommandDetail | None = None,
     ) -> None:
-        ack = CommandAck(
-            command_id=command.command_id,  # type: ignore[attr-defined]
-            command=command.kind,  # type: ignore[attr-defined]
-            ok=ok,
-            reason=reason,
-            message=message[:1024] if message else None,
-            detail=detail or {},
-        )
+        ack = CommandAck.answering(command, ok=ok, reason=reason, message=message, detail=detail)
         self._publish(self.topics.agent_events(self.config.agent_id), encode_message(ack))
 
     def _on_ping(self, _command: Ping) -> CommandDetail:

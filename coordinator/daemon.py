@@ -256,14 +256,7 @@ class Coordinator:
         message: str | None = None,
         detail: dict[str, str | int | float | bool | None] | None = None,
     ) -> None:
-        ack = CommandAck(
-            command_id=command.command_id,  # type: ignore[attr-defined]
-            command=command.kind,  # type: ignore[attr-defined]
-            ok=ok,
-            reason=reason,
-            message=message[:1024] if message else None,
-            detail=detail or {},
-        )
+        ack = CommandAck.answering(command, ok=ok, reason=reason, message=message, detail=detail)
         self.link.publish(self.topics.coordinator_events(), encode_message(ack))
 
     # rounds

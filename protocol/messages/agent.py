@@ -122,6 +122,26 @@ class CommandAck(Message):
     message: ShortText | None = None
     detail: dict[ShortText, str | int | float | bool | None] = Field(default_factory=dict)
 
+    @classmethod
+    def answering(
+        cls,
+        command: Message,
+        *,
+        ok: bool,
+        reason: str | None = None,
+        message: str | None = None,
+        detail: dict[str, str | int | float | bool | None] | None = None,
+    ) -> CommandAck:
+        """The acknowledgement of ``command`` (any message with a ``command_id``)."""
+        return cls(
+            command_id=str(getattr(command, "command_id", "")),
+            command=str(getattr(command, "kind", "")),
+            ok=ok,
+            reason=reason,
+            message=message[:1024] if message else None,
+            detail=detail or {},
+        )
+
 
 class ErrorEvent(Message):
     """Something received was refused or failed; names why so the sender can fix it."""
