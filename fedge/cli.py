@@ -259,7 +259,8 @@ def agent_import(config_path: Path | None, folder: Path) -> None:
     config = _agent_config(config_path)
     store = SampleStore(config.data_dir / "samples", max_per_class=config.store_max_per_class)
     try:
-        report = store.import_folder(folder)
+        with console.status(f"importing {folder} (decoding and checking every image)..."):
+            report = store.import_folder(folder)
         counts = store.counts()
     finally:
         store.close()
@@ -443,12 +444,13 @@ def round_start(
         options=options,
     )
     topics = Topics(root=topic_root, fleet=fleet)
-    ack = send_command(
-        parse_broker_url(broker_url, username=username, password=password, ca_file=ca_file),
-        command_topic=topics.coordinator_commands(),
-        events_topic=topics.coordinator_events(),
-        command=command,
-    )
+    with console.status("waiting for the coordinator's answer..."):
+        ack = send_command(
+            parse_broker_url(broker_url, username=username, password=password, ca_file=ca_file),
+            command_topic=topics.coordinator_commands(),
+            events_topic=topics.coordinator_events(),
+            command=command,
+        )
     if not ack.ok:
         raise click.ClickException(f"coordinator refused: {ack.message} ({ack.reason})")
     console.print(

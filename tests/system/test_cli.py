@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from jsonschema import Draft202012Validator
 
+from agent.store import SampleStore
 from fedge.cli import cli
 from protocol.errors import SignatureError
 from protocol.messages.codec import MESSAGE_TYPES
@@ -139,3 +140,26 @@ def test_user_mistakes_get_one_clear_line_and_no_traceback(args: list[str]) -> N
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert "rror" in result.output
+
+
+def test_agent_import_reads_a_labelled_folder_into_the_store(tmp_path: Path) -> None:
+    from coordinator.reference import digit_images_uint8, digit_png, load_digits_split
+
+    split = load_digits_split()
+    folder = tmp_path / "photos"
+    for index, image in enumerate(digit_images_uint8(split.x_train[:12])):
+        label_dir = folder / str(int(split.y_train[index]))
+        label_dir.mkdir(parents=True, exist_ok=True)
+        (label_dir / f"{index}.png").write_bytes(digit_png(image))
+    (folder / "notes.txt").write_text("not an image")
+    config = tmp_path / "agent.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    result = CliRunner().invoke(cli, ["agent", "import", "--config", str(config), str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "imported" in result.output
+    store = SampleStore(tmp_path / "data" / "samples")
+    try:
+        held = sum(store.counts().values())
+    finally:
+        store.close()
+    assert 10 <= held <= 12  # near-duplicate digits may be refused on the way in
