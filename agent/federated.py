@@ -114,6 +114,7 @@ class FederatedClient:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._state_path = data_dir / "federated.json"
+        self._updates_dir = data_dir / "updates"
         self._done = self._load_done()
         self._serving_round = -1
         self._manifest_filter = topics.all_model_manifests()
@@ -197,7 +198,18 @@ class FederatedClient:
     def _on_announcement(self, announcement: RoundAnnouncement) -> None:
         self._maybe_swap(announcement.release)
         number = announcement.round
-        if self.agent_id not in announcement.selected or number in self._done:
+        if self.agent_id not in announcement.selected:
+            return
+        if number in self._done:
+            # The same round announced again: a restarted coordinator may have lost what it
+            # had received but not yet stored. Sending the kept update again is harmless:
+            # the coordinator stores one update per round and agent.
+            # Until the latest the round can run: its deadline plus the one extension.
+            extended = announcement.deadline_at + (
+                announcement.deadline_at - announcement.issued_at
+            )
+            if time.time() <= extended:
+                self._resend(number)
             return
         if time.time() > announcement.deadline_at:
             logger.info("round %d: deadline already passed, not training", number)
@@ -229,8 +241,6 @@ class FederatedClient:
         deltas = [new - old for new, old in zip(trainer.get_weights(), weights, strict=True)]
         blob = encode_update(deltas, encoding=Encoding(config.update_encoding.value))
         manifest, chunks = split_blob(blob)
-        for index, chunk in enumerate(chunks):
-            self._publish(self.topics.update_chunk(number, self.agent_id, index), chunk)
         complete = UpdateComplete(
             round=number,
             agent=self.agent_id,
@@ -245,8 +255,8 @@ class FederatedClient:
             accuracy=report.val_accuracy,
             train_seconds=report.seconds,
         )
-        self._publish(self.topics.update_manifest(number, self.agent_id), encode_message(complete))
-        self.bytes_up += sum(len(chunk) for chunk in chunks)
+        self._keep_update(number, blob, complete)
+        self._send_update(number, chunks, complete)
         self._mark_done(number)
         self.last_report = {
             "round": number,
@@ -273,6 +283,34 @@ class FederatedClient:
             )
             self._trainer_key = key
         return self._trainer
+
+    # updates: sent through the outbox, kept on disk for a re-announced round
+    def _send_update(self, number: int, chunks: list[bytes], complete: UpdateComplete) -> None:
+        for index, chunk in enumerate(chunks):
+            self._publish(self.topics.update_chunk(number, self.agent_id, index), chunk)
+        self._publish(self.topics.update_manifest(number, self.agent_id), encode_message(complete))
+        self.bytes_up += sum(len(chunk) for chunk in chunks)
+
+    def _keep_update(self, number: int, blob: bytes, complete: UpdateComplete) -> None:
+        self._updates_dir.mkdir(parents=True, exist_ok=True)
+        (self._updates_dir / f"{number}.update").write_bytes(blob)
+        (self._updates_dir / f"{number}.json").write_bytes(encode_message(complete))
+        for old in sorted(self._updates_dir.glob("*.update"), key=lambda p: int(p.stem))[:-2]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
+
+    def _resend(self, number: int) -> None:
+        try:
+            blob = (self._updates_dir / f"{number}.update").read_bytes()
+            complete = decode_message(
+                (self._updates_dir / f"{number}.json").read_bytes(), UpdateComplete
+            )
+        except (OSError, FedgeError):
+            logger.info("round %d announced again; no kept update to send", number)
+            return
+        _, chunks = split_blob(blob)
+        self._send_update(number, chunks, complete)
+        logger.info("round %d announced again: update sent again", number)
 
     # data
     def dataset(

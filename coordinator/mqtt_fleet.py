@@ -218,6 +218,8 @@ class MqttFleet(Fleet):
     def _on_chunk(self, key: tuple[int, str], payload: bytes) -> None:
         with self._lock:
             pending = self._pending.setdefault(key, _PendingUpdate())
+            if pending.complete is not None and pending.reassembler is None:
+                return  # this update is already complete: a chunk sent again
             pending.bytes_received += len(payload)
             if pending.reassembler is None:
                 if len(pending.chunks) >= MAX_PENDING_CHUNKS_PER_AGENT:
