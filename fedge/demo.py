@@ -261,6 +261,9 @@ def _run(  # noqa: PLR0915 - one linear story, told in order
             coordinator.run_plan_now(_plan(settings, phase_rounds))
             if phase == "freeze":
                 processes.kill(dropped)
+                # Its last will must be seen first, or the old "online" could be taken for
+                # the new process's and the next round announced before it is back.
+                _wait_until_offline(coordinator, dropped)
                 _start_agent(
                     dropped,
                     workdir,
@@ -381,6 +384,16 @@ def _wait_for_port(port: int, processes: _Processes, name: str) -> None:
         except OSError:
             time.sleep(0.1)
     raise TransportError(f"the {name} did not open port {port}")
+
+
+def _wait_until_offline(coordinator: Any, agent: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        info = coordinator.fleet.agents().get(agent)
+        if info is None or not info.online:
+            return
+        time.sleep(0.1)
+    raise TransportError(f"the broker never reported {agent} offline")
 
 
 def _wait_for_agents(coordinator: Any, count: int, processes: _Processes) -> None:
