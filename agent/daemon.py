@@ -29,7 +29,7 @@ from agent.store import SampleStore
 from agent.training import available_trainers
 from fedge import __version__
 from fedge.metrics import Histogram, MetricsServer, Registry
-from fedge.mqtt import MqttLink, Will, parse_broker_url
+from fedge.mqtt import MqttLink, Will
 from protocol.errors import ConfigError, FedgeError, MessageError, TopicError
 from protocol.messages.agent import (
     AgentState,
@@ -107,14 +107,7 @@ class Agent:
         self._in_flight: set[int] = set()
         self._in_flight_lock = threading.Lock()
         self.errors_emitted = 0
-        address = parse_broker_url(
-            config.broker_url,
-            username=config.username,
-            password=config.password,
-            ca_file=config.ca_file,
-            cert_file=config.cert_file,
-            key_file=config.key_file,
-        )
+        address = config.broker_address()
         offline = AgentStatus(agent=config.agent_id, state=AgentState.OFFLINE, timestamp=0.0)
         self.link = MqttLink(
             address,

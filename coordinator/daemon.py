@@ -19,7 +19,7 @@ from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
 from coordinator.state import CoordinatorState
 from coordinator.strategies import make_strategy
 from fedge.metrics import MetricsServer, Registry
-from fedge.mqtt import MqttLink, Will, parse_broker_url
+from fedge.mqtt import MqttLink, Will
 from protocol.errors import FedgeError, MessageError
 from protocol.messages.agent import CommandAck
 from protocol.messages.base import Message
@@ -86,14 +86,7 @@ class Coordinator:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.state = CoordinatorState(config.data_dir / "coordinator.sqlite")
         self.signing_key = _signing_key(config)
-        address = parse_broker_url(
-            config.broker_url,
-            username=config.username,
-            password=config.password,
-            ca_file=config.ca_file,
-            cert_file=config.cert_file,
-            key_file=config.key_file,
-        )
+        address = config.broker_address()
         offline = CoordinatorStatus(state=Phase.OFFLINE, timestamp=0.0)
         self.link = MqttLink(
             address,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -15,6 +15,9 @@ from pydantic_settings import (
 
 from protocol.errors import ConfigError, TopicError
 from protocol.topics import DEFAULT_FLEET, DEFAULT_ROOT, Topics, validate_id
+
+if TYPE_CHECKING:
+    from fedge.mqtt import BrokerAddress
 
 __all__ = ["FedgeSettings", "load_settings", "write_toml"]
 
@@ -60,6 +63,18 @@ class FedgeSettings(BaseSettings):
     @property
     def topics(self) -> Topics:
         return Topics(root=self.topic_root, fleet=self.fleet)
+
+    def broker_address(self) -> BrokerAddress:
+        from fedge.mqtt import parse_broker_url
+
+        return parse_broker_url(
+            self.broker_url,
+            username=self.username,
+            password=self.password,
+            ca_file=self.ca_file,
+            cert_file=self.cert_file,
+            key_file=self.key_file,
+        )
 
     def redacted(self) -> dict[str, Any]:
         values = self.model_dump(mode="json")
