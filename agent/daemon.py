@@ -22,13 +22,14 @@ from agent.config import AgentConfig
 from agent.discovery import agent_discovery
 from agent.federated import FederatedClient
 from agent.intake import FrameIntake, PendingFrame
+from agent.metrics import AgentReadings, register_agent_metrics
 from agent.model import ServingModel, load_serving_model
 from agent.outbox import Outbox
 from agent.pipeline import FrameProcessor, InferenceOptions
 from agent.store import SampleStore
 from agent.training import available_trainers
 from fedge import __version__
-from fedge.metrics import Histogram, MetricsServer, Registry
+from fedge.metrics import MetricsServer, new_registry
 from fedge.mqtt import MqttLink, Will
 from protocol.errors import ConfigError, FedgeError, MessageError, TopicError
 from protocol.messages.agent import (
@@ -119,8 +120,8 @@ class Agent:
         self._command_topic = self.topics.agent_commands(config.agent_id)
         self._frame_filters = config.effective_frame_topics
         self.federated = self._federated_client()
-        self.metrics = Registry()
-        self._frame_seconds = _agent_metrics(self)
+        self.metrics = new_registry()
+        self._frame_seconds = register_agent_metrics(self.metrics, self._readings())
         self.metrics_server = None
         if config.metrics_port is not None:
             self.metrics_server = MetricsServer(self.metrics, port=config.metrics_port)
@@ -426,6 +427,15 @@ class Agent:
             ),
         )
 
+    def _readings(self) -> AgentReadings:
+        return AgentReadings(
+            counts=self.intake.counts,
+            errors=lambda: self.errors_emitted,
+            outbox_size=lambda: len(self.outbox),
+            outbox_dropped=lambda: self.outbox.dropped,
+            model_version=lambda: self.serving.version if self.serving else None,
+        )
+
     def _federated_client(self) -> FederatedClient | None:
         if self.config.coordinator_key is None:
             logger.info("no coordinator key configured: not taking part in federated rounds")
@@ -520,48 +530,6 @@ class Agent:
         )
         thread.start()
         self._threads.append(thread)
-
-
-def _agent_metrics(agent: Agent) -> Histogram:
-    """Register the agent's metrics; counts kept by the intake and outbox are read on scrape."""
-    registry, counts = agent.metrics, agent.intake.counts
-    registry.counter(
-        "fedge_agent_frames_received_total", "Frames that arrived on a frame topic."
-    ).set_function(lambda: counts.received)
-    registry.counter(
-        "fedge_agent_frames_processed_total", "Frames whose result was queued."
-    ).set_function(lambda: counts.processed)
-    dropped = registry.counter(
-        "fedge_agent_frames_dropped_total", "Frames dropped before inference.", ["reason"]
-    )
-    dropped.labels("stale").set_function(lambda: counts.dropped_stale)
-    dropped.labels("rate").set_function(lambda: counts.dropped_rate)
-    registry.counter(
-        "fedge_agent_frames_rejected_total", "Frames refused or failed in the pipeline."
-    ).set_function(lambda: counts.rejected)
-    registry.counter("fedge_agent_errors_total", "Error events published.").set_function(
-        lambda: agent.errors_emitted
-    )
-    registry.gauge(
-        "fedge_agent_outbox_messages", "Messages waiting for the broker's acknowledgement."
-    ).set_function(lambda: len(agent.outbox))
-    registry.counter(
-        "fedge_agent_outbox_dropped_total", "Results dropped from a full outbox."
-    ).set_function(lambda: agent.outbox.dropped)
-    model = registry.gauge(
-        "fedge_agent_model_info", "The model being served (always 1).", ["version"]
-    )
-
-    def refresh_model() -> None:
-        version = agent.serving.version if agent.serving else "none"
-        if model.label_values() != [(version,)]:
-            model.clear()
-            model.labels(version).set(1)
-
-    registry.on_collect(refresh_model)
-    return registry.histogram(
-        "fedge_agent_frame_seconds", "Decode to result (timings.total_ms) per processed frame."
-    )
 
 
 def _sibling(path: Path, name: str) -> Path | None:

@@ -12,13 +12,14 @@ import time
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import RoundMeter
 from coordinator.mqtt_fleet import MqttFleet
 from coordinator.production import KerasModelProducer
 from coordinator.reference import DIGITS_LABELS, digits_preprocess_spec, load_digits_split
 from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
 from coordinator.state import CoordinatorState
 from coordinator.strategies import make_strategy
-from fedge.metrics import MetricsServer, Registry
+from fedge.metrics import MetricsServer, new_registry
 from fedge.mqtt import MqttLink, Will
 from protocol.errors import FedgeError, MessageError
 from protocol.messages.agent import CommandAck
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 COMMAND_TYPES = (StartRounds, StopRounds, Ping, RequestStatus)
 MAX_COMMAND_BYTES = 64 * 1024
-ROUND_BUCKETS_S = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 _CONFIG_OPTIONS = {
     "epochs": int,
@@ -114,8 +114,8 @@ class Coordinator:
             max_chunk_bytes=config.max_chunk_bytes,
             with_inference_files=config.with_inference_files,
         )
-        self.metrics = Registry()
-        self._meter = _RoundMeter(self.metrics, current_round=self.state.last_round_number())
+        self.metrics = new_registry()
+        self._meter = RoundMeter(self.metrics, current_round=self.state.last_round_number())
         self.metrics_server = None
         if config.metrics_port is not None:
             self.metrics_server = MetricsServer(self.metrics, port=config.metrics_port)
@@ -314,56 +314,6 @@ def _detail(progress: dict[str, Any], state: CoordinatorState) -> str | None:
     if done and done[-1].metrics.get("accuracy") is not None:
         return f"round {done[-1].round} accuracy {done[-1].metrics['accuracy']:.3f}"
     return None
-
-
-class _RoundMeter:
-    """The coordinator's Prometheus metrics, fed by round progress and round outcomes."""
-
-    def __init__(self, registry: Registry, *, current_round: int) -> None:
-        self.rounds = registry.counter(
-            "fedge_coordinator_rounds_total", "Rounds finished, by outcome.", ["outcome"]
-        )
-        for outcome in ("done", "failed"):
-            self.rounds.labels(outcome)
-        self.round = registry.gauge("fedge_coordinator_round", "The round running or last run.")
-        self.round.set(current_round)
-        self.updates = registry.counter(
-            "fedge_coordinator_updates_total", "Agent updates accepted into rounds."
-        )
-        self.bytes_up = registry.counter(
-            "fedge_coordinator_update_bytes_total", "Bytes of agent updates received."
-        )
-        self.accuracy = registry.gauge(
-            "fedge_coordinator_accuracy", "Held-out accuracy of the newest round's model."
-        )
-        self.seconds = registry.histogram(
-            "fedge_coordinator_round_seconds",
-            "Start to release, per round done.",
-            buckets=ROUND_BUCKETS_S,
-        )
-        self._lock = threading.Lock()
-        self._counted = (current_round, 0, 0)  # round, updates, bytes already counted
-
-    def progress(self, progress: dict[str, Any]) -> None:
-        # Progress reports running totals for the round; count only what is new.
-        number, received, bytes_up = progress["round"], progress["received"], progress["bytes_up"]
-        with self._lock:
-            counted_round, counted_updates, counted_bytes = self._counted
-            if number != counted_round:
-                counted_updates = counted_bytes = 0
-            self.updates.inc(max(0, received - counted_updates))
-            self.bytes_up.inc(max(0, bytes_up - counted_bytes))
-            self._counted = (number, received, bytes_up)
-        self.round.set(number)
-
-    def outcome(self, outcome: RoundOutcome) -> None:
-        self.round.set(outcome.round)
-        self.rounds.labels("done" if outcome.ok else "failed").inc()
-        if not outcome.ok:
-            return
-        if outcome.metrics.get("accuracy") is not None:
-            self.accuracy.set(float(outcome.metrics["accuracy"]))
-        self.seconds.observe(float(outcome.metrics.get("seconds", 0.0)))
 
 
 def _signing_key(config: CoordinatorConfig) -> SigningKey:

@@ -1,232 +1,232 @@
-"""The metrics registry speaks Prometheus text format 0.0.4, checked by a strict parser."""
+"""Metrics are the client library's: served by its HTTP server, read back by its own parser.
+
+The names and labels below are the ones fedge has always exported; dashboards and alerts
+depend on them, so each appears here and in the scrapes of real processes
+(tests/system/test_observability.py).
+"""
 
 from __future__ import annotations
 
-import math
-import re
-import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import pytest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
 
-from fedge.metrics import CONTENT_TYPE, MetricsServer, Registry
+from agent.intake import FrameCounts
+from agent.metrics import AgentReadings, register_agent_metrics
+from coordinator.metrics import RoundMeter
+from coordinator.rounds import RoundOutcome
+from fedge.metrics import MetricsServer, new_registry
 from protocol.errors import ConfigError
 from tests.brokers import free_port
 
 HTTP_TIMEOUT_S = 10.0
 
-_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_LABEL = r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"'
-_VALUE = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|[+-]?Inf|NaN"
-_SAMPLE = re.compile(
-    rf"(?P<name>{_NAME})(?:\{{(?P<labels>{_LABEL}(?:,{_LABEL})*)?\}})? (?P<value>{_VALUE})"
-    r"(?: -?\d+)?"
-)
-_HELP = re.compile(rf"# HELP ({_NAME}) ((?:[^\\\n]|\\[\\n])*)")
-_TYPE = re.compile(rf"# TYPE ({_NAME}) (counter|gauge|histogram|summary|untyped)")
-_HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+# name as it appears in the exposition -> (type, label names)
+AGENT_METRICS: Mapping[str, tuple[str, tuple[str, ...]]] = {
+    "fedge_agent_frames_received_total": ("counter", ()),
+    "fedge_agent_frames_processed_total": ("counter", ()),
+    "fedge_agent_frames_dropped_total": ("counter", ("reason",)),
+    "fedge_agent_frames_rejected_total": ("counter", ()),
+    "fedge_agent_errors_total": ("counter", ()),
+    "fedge_agent_outbox_messages": ("gauge", ()),
+    "fedge_agent_outbox_dropped_total": ("counter", ()),
+    "fedge_agent_model_info": ("gauge", ("version",)),
+    "fedge_agent_frame_seconds": ("histogram", ()),
+}
+COORDINATOR_METRICS: Mapping[str, tuple[str, tuple[str, ...]]] = {
+    "fedge_coordinator_rounds_total": ("counter", ("outcome",)),
+    "fedge_coordinator_round": ("gauge", ()),
+    "fedge_coordinator_updates_total": ("counter", ()),
+    "fedge_coordinator_update_bytes_total": ("counter", ()),
+    "fedge_coordinator_accuracy": ("gauge", ()),
+    "fedge_coordinator_round_seconds": ("histogram", ()),
+}
+# What the library's process, platform and GC collectors add to every daemon.
+PROCESS_METRICS: Mapping[str, tuple[str, tuple[str, ...]]] = {
+    "process_cpu_seconds_total": ("counter", ()),
+    "process_resident_memory_bytes": ("gauge", ()),
+    "process_open_fds": ("gauge", ()),
+    "process_start_time_seconds": ("gauge", ()),
+    "python_info": ("gauge", ("implementation", "major", "minor", "patchlevel", "version")),
+    "python_gc_collections_total": ("counter", ("generation",)),
+}
 
 
-@dataclass
-class Family:
-    name: str
-    kind: str = "untyped"
-    help: str | None = None
-    samples: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
+@dataclass(frozen=True)
+class Scrape:
+    """One exposition, as ``prometheus_client.parser`` reads it."""
+
+    families: dict[str, Metric]
 
     def value(self, name: str, **labels: str) -> float:
-        found = [v for n, ls, v in self.samples if n == name and ls == labels]
-        assert len(found) == 1, f"{name}{labels} appears {len(found)} times in {self.samples}"
+        """The one sample called ``name`` with exactly these labels."""
+        found = [
+            sample.value
+            for family in self.families.values()
+            for sample in family.samples
+            if sample.name == name and sample.labels == labels
+        ]
+        assert len(found) == 1, f"{name}{labels} appears {len(found)} times"
         return found[0]
 
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), text)
-
-
-def _family_of(sample_name: str, families: dict[str, Family]) -> Family:
-    if sample_name in families:
-        return families[sample_name]
-    for suffix in _HISTOGRAM_SUFFIXES:
-        base = sample_name.removesuffix(suffix)
-        if base != sample_name and families.get(base, Family(base)).kind == "histogram":
-            return families[base]
-    raise AssertionError(f"sample {sample_name} has no # TYPE line before it")
-
-
-def _check_histogram(family: Family) -> None:
-    series: dict[tuple[tuple[str, str], ...], list[tuple[float, float]]] = {}
-    for name, labels, value in family.samples:
-        if name == f"{family.name}_bucket":
-            assert "le" in labels, f"bucket without le in {family.name}"
-            rest = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
-            series.setdefault(rest, []).append((float(labels["le"]), value))
-    for rest, buckets in series.items():
-        bounds = [bound for bound, _ in buckets]
-        counts = [count for _, count in buckets]
-        assert bounds == sorted(bounds), f"{family.name}: {bounds}"
-        assert bounds[-1] == math.inf, f"{family.name} has no +Inf bucket"
-        assert counts == sorted(counts), f"{family.name} buckets are not cumulative: {counts}"
-        labels = dict(rest)
-        assert family.value(f"{family.name}_count", **labels) == counts[-1]
-        family.value(f"{family.name}_sum", **labels)
+    def has(self, expected: Mapping[str, tuple[str, tuple[str, ...]]]) -> None:
+        """Every metric in ``expected`` is there with its type and label names."""
+        for name, (kind, labelnames) in expected.items():
+            family_name = name.removesuffix("_total") if kind == "counter" else name
+            assert family_name in self.families, f"{name} is missing"
+            family = self.families[family_name]
+            assert family.type == kind, f"{name} is a {family.type}, not a {kind}"
+            main = f"{name}_count" if kind == "histogram" else name
+            samples = [s for s in family.samples if s.name == main]
+            assert samples, f"{name} has no samples"
+            for sample in samples:
+                assert tuple(sample.labels) == labelnames, f"{name} labels {sample.labels}"
+            if kind == "histogram":
+                buckets = [s for s in family.samples if s.name == f"{name}_bucket"]
+                assert buckets[-1].labels["le"] == "+Inf"
+                assert buckets[-1].value == samples[0].value
+                assert [b.value for b in buckets] == sorted(b.value for b in buckets)
 
 
-def parse_exposition(text: str) -> dict[str, Family]:
-    """Parse text format 0.0.4 strictly; fail on anything a Prometheus server would reject."""
-    assert text.endswith("\n"), "the exposition must end with a newline"
-    families: dict[str, Family] = {}
-    finished: set[str] = set()
-    current: str | None = None
-    for line in text[:-1].split("\n"):
-        if not line:
-            continue
-        if line.startswith("# HELP "):
-            match = _HELP.fullmatch(line)
-            assert match, f"bad HELP line: {line!r}"
-            family = families.setdefault(match.group(1), Family(match.group(1)))
-            assert family.help is None, f"second HELP for {family.name}"
-            family.help = _unescape(match.group(2))
-            continue
-        if line.startswith("# TYPE "):
-            match = _TYPE.fullmatch(line)
-            assert match, f"bad TYPE line: {line!r}"
-            family = families.setdefault(match.group(1), Family(match.group(1)))
-            assert not family.samples, f"TYPE after samples of {family.name}"
-            family.kind = match.group(2)
-            continue
-        if line.startswith("#"):
-            continue
-        match = _SAMPLE.fullmatch(line)
-        assert match, f"bad sample line: {line!r}"
-        name = match.group("name")
-        labels_text = match.group("labels") or ""
-        labels = {key: _unescape(value) for key, value in re.findall(_LABEL, labels_text)}
-        assert len(labels) == len(re.findall(_LABEL, labels_text)), f"repeated label: {line!r}"
-        family = _family_of(name, families)
-        if current != family.name:
-            assert family.name not in finished, f"samples of {family.name} are not grouped"
-            if current is not None:
-                finished.add(current)
-            current = family.name
-        assert (name, labels) not in [(n, ls) for n, ls, _ in family.samples], f"dup: {line!r}"
-        family.samples.append((name, labels, float(match.group("value"))))
-    for family in families.values():
-        if family.kind == "histogram":
-            _check_histogram(family)
-        if family.kind == "counter":
-            assert all(value >= 0 for _, _, value in family.samples), family.samples
-    return families
+def parse(text: str) -> Scrape:
+    families: dict[str, Metric] = {}
+    for family in text_string_to_metric_families(text):
+        # The parser turns a sample outside its family into an untyped one: never valid here.
+        assert family.type != "untyped", f"{family.name} has no TYPE of its own"
+        assert family.name not in families, f"{family.name} appears twice"
+        families[family.name] = family
+    return Scrape(families)
 
 
-def _registry_with_every_type() -> Registry:
-    registry = Registry()
-    plain = registry.counter("demo_events_total", "Events seen.\nSecond line with \\ backslash.")
-    plain.inc()
-    plain.inc(2.5)
-    labelled = registry.counter("demo_frames_total", "Frames by outcome.", ["outcome", "camera"])
-    labelled.labels("ok", 'cam "one"\nback\\slash').inc(3)
-    labelled.labels(outcome="dropped", camera="cam2").inc()
-    registry.counter("demo_read_total", "Read when scraped.").set_function(lambda: 42)
-    gauge = registry.gauge("demo_queue", "Queue length.")
-    gauge.set(7)
-    gauge.dec(2)
-    registry.gauge("demo_temperature_celsius", "Negative is fine.").set(-3.25)
-    registry.gauge("demo_info", "Build info.", ["version"]).labels("1.2.3").set(1)
-    latency = registry.histogram("demo_latency_seconds", "Latency.", buckets=(0.01, 0.1, 1.0))
-    for value in (0.005, 0.05, 0.05, 0.5, 2.0):
-        latency.observe(value)
-    by_camera = registry.histogram("demo_size_bytes", "Sizes.", ["camera"], buckets=(100, 1000))
-    by_camera.labels("a").observe(50)
-    by_camera.labels("b").observe(5000)
-    registry.histogram("demo_unused_seconds", "No observations yet.")
-    return registry
+def scrape(port: int) -> Scrape:
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+        assert response.headers["Content-Type"] == CONTENT_TYPE_PLAIN_0_0_4
+        return parse(response.read().decode("utf-8"))
 
 
-def test_every_metric_type_renders_valid_exposition_text() -> None:
-    families = parse_exposition(_registry_with_every_type().render())
-    assert families["demo_events_total"].kind == "counter"
-    assert families["demo_events_total"].help == "Events seen.\nSecond line with \\ backslash."
-    assert families["demo_events_total"].value("demo_events_total") == 3.5
-    frames = families["demo_frames_total"]
-    assert frames.value("demo_frames_total", outcome="ok", camera='cam "one"\nback\\slash') == 3
-    assert frames.value("demo_frames_total", outcome="dropped", camera="cam2") == 1
-    assert families["demo_read_total"].value("demo_read_total") == 42
-    assert families["demo_queue"].kind == "gauge"
-    assert families["demo_queue"].value("demo_queue") == 5
-    assert families["demo_temperature_celsius"].value("demo_temperature_celsius") == -3.25
-    assert families["demo_info"].value("demo_info", version="1.2.3") == 1
-    latency = families["demo_latency_seconds"]
-    assert latency.kind == "histogram"
-    buckets = [latency.value("demo_latency_seconds_bucket", le=le) for le in ("0.01", "0.1")]
-    assert buckets == [1, 3]
-    assert latency.value("demo_latency_seconds_bucket", le="1.0") == 4
-    assert latency.value("demo_latency_seconds_bucket", le="+Inf") == 5
-    assert latency.value("demo_latency_seconds_sum") == pytest.approx(2.605)
-    sizes = families["demo_size_bytes"]
-    assert sizes.value("demo_size_bytes_bucket", camera="a", le="100.0") == 1
-    assert sizes.value("demo_size_bytes_bucket", camera="b", le="1000.0") == 0
-    assert sizes.value("demo_size_bytes_count", camera="b") == 1
-    unused = families["demo_unused_seconds"]
-    assert unused.value("demo_unused_seconds_bucket", le="+Inf") == 0
-    assert unused.value("demo_unused_seconds_count") == 0
+def _render(registry: CollectorRegistry) -> Scrape:
+    return parse(generate_latest(registry).decode("utf-8"))
 
 
-def test_the_parser_refuses_what_prometheus_refuses() -> None:
-    good = "# TYPE a_total counter\na_total 1\n"
-    assert parse_exposition(good)["a_total"].value("a_total") == 1
-    bad = [
-        "# TYPE a_total counter\na_total 1",  # no final newline
-        'a_total{x="1"} 1\n',  # no TYPE
-        "# TYPE a_total counter\na_total one\n",
-        '# TYPE a_total counter\na_total{x="\\q"} 1\n',  # bad escape
-        '# TYPE a_total counter\na_total{x="1",x="2"} 1\n',
-        '# TYPE h histogram\nh_bucket{le="1"} 2\nh_bucket{le="+Inf"} 1\nh_sum 1\nh_count 1\n',
-        '# TYPE h histogram\nh_bucket{le="1"} 1\nh_sum 1\nh_count 1\n',  # no +Inf
-        "# TYPE a gauge\n# TYPE b gauge\na 1\nb 1\na 2\n",  # not grouped
-    ]
-    for text in bad:
-        with pytest.raises(AssertionError):
-            parse_exposition(text)
+class _AgentState:
+    """What the agent's collector reads: counts it does not own, changed between scrapes."""
+
+    def __init__(self) -> None:
+        self.counts = FrameCounts()
+        self.errors = 0
+        self.outbox: list[bytes] = []
+        self.outbox_dropped = 0
+        self.version: str | None = None
+
+    def readings(self) -> AgentReadings:
+        return AgentReadings(
+            counts=self.counts,
+            errors=lambda: self.errors,
+            outbox_size=lambda: len(self.outbox),
+            outbox_dropped=lambda: self.outbox_dropped,
+            model_version=lambda: self.version,
+        )
 
 
-def test_names_labels_and_buckets_are_checked_when_registered() -> None:
-    registry = Registry()
-    registry.histogram("taken_seconds", "Taken.")
-    with pytest.raises(ValueError, match="already registered"):
-        registry.gauge("taken_seconds_count", "Clashes with the histogram's count.")
-    with pytest.raises(ValueError, match="_total"):
-        registry.counter("events", "A counter without _total.")
-    with pytest.raises(ValueError, match="invalid metric name"):
-        registry.gauge("1bad", "Starts with a digit.")
-    with pytest.raises(ValueError, match="reserved"):
-        registry.histogram("sized_bytes", "Uses le.", ["le"])
-    with pytest.raises(ValueError, match="increasing"):
-        registry.histogram("odd_seconds", "Unsorted.", buckets=(1.0, 0.5))
-    counter = registry.counter("kept_total", "Kept.", ["kind"])
-    with pytest.raises(ValueError, match="labels"):
-        counter.inc()
-    with pytest.raises(ValueError, match="only goes up"):
-        counter.labels("a").inc(-1)
+def test_the_agent_collector_reads_its_owner_at_every_scrape() -> None:
+    state, registry = _AgentState(), new_registry()
+    latency = register_agent_metrics(registry, state.readings())
+    before = _render(registry)
+    before.has(AGENT_METRICS)
+    before.has(PROCESS_METRICS)
+    assert before.value("fedge_agent_frames_received_total") == 0
+    assert before.value("fedge_agent_model_info", version="none") == 1
+    assert before.value("fedge_agent_frame_seconds_count") == 0
+
+    state.counts.received, state.counts.processed, state.counts.rejected = 7, 5, 1
+    state.counts.dropped_stale, state.counts.dropped_rate = 1, 0
+    state.errors, state.outbox, state.outbox_dropped = 2, [b"a", b"b", b"c"], 4
+    state.version = "r3"
+    for seconds in (0.004, 0.02, 0.02, 3.0, 30.0):
+        latency.observe(seconds)
+    after = _render(registry)
+    after.has(AGENT_METRICS)
+    assert after.value("fedge_agent_frames_received_total") == 7
+    assert after.value("fedge_agent_frames_processed_total") == 5
+    assert after.value("fedge_agent_frames_rejected_total") == 1
+    assert after.value("fedge_agent_frames_dropped_total", reason="stale") == 1
+    assert after.value("fedge_agent_frames_dropped_total", reason="rate") == 0
+    assert after.value("fedge_agent_errors_total") == 2
+    assert after.value("fedge_agent_outbox_messages") == 3
+    assert after.value("fedge_agent_outbox_dropped_total") == 4
+    # A swapped model replaces the old version's series rather than adding one.
+    model = after.families["fedge_agent_model_info"]
+    assert [(s.labels, s.value) for s in model.samples] == [({"version": "r3"}, 1.0)]
+    assert after.value("fedge_agent_frame_seconds_bucket", le="0.005") == 1
+    assert after.value("fedge_agent_frame_seconds_bucket", le="0.025") == 3
+    assert after.value("fedge_agent_frame_seconds_bucket", le="5.0") == 4
+    assert after.value("fedge_agent_frame_seconds_bucket", le="+Inf") == 5
+    assert after.value("fedge_agent_frame_seconds_count") == 5
+    assert after.value("fedge_agent_frame_seconds_sum") == pytest.approx(33.044)
 
 
-def test_the_server_serves_metrics_and_nothing_else() -> None:
-    registry = _registry_with_every_type()
+def _outcome(number: int, *, ok: bool, **metrics: float) -> RoundOutcome:
+    return RoundOutcome(
+        number, ok=ok, version=f"r{number}" if ok else None, reason=None, metrics=metrics
+    )
+
+
+def test_the_round_meter_counts_each_update_once() -> None:
+    registry = new_registry()
+    meter = RoundMeter(registry, current_round=4)
+    start = _render(registry)
+    start.has(COORDINATOR_METRICS)
+    assert start.value("fedge_coordinator_round") == 4
+    assert start.value("fedge_coordinator_rounds_total", outcome="done") == 0
+    assert start.value("fedge_coordinator_rounds_total", outcome="failed") == 0
+
+    # Progress carries running totals: 1 then 3 updates of round 5 are 3 updates, not 4.
+    meter.progress({"round": 5, "received": 1, "bytes_up": 100})
+    meter.progress({"round": 5, "received": 3, "bytes_up": 350})
+    meter.outcome(_outcome(5, ok=True, accuracy=0.75, seconds=12.0))
+    meter.progress({"round": 6, "received": 2, "bytes_up": 200})
+    meter.outcome(_outcome(6, ok=False))
+    end = _render(registry)
+    end.has(COORDINATOR_METRICS)
+    assert end.value("fedge_coordinator_round") == 6
+    assert end.value("fedge_coordinator_updates_total") == 5
+    assert end.value("fedge_coordinator_update_bytes_total") == 550
+    assert end.value("fedge_coordinator_rounds_total", outcome="done") == 1
+    assert end.value("fedge_coordinator_rounds_total", outcome="failed") == 1
+    assert end.value("fedge_coordinator_accuracy") == 0.75  # a failed round leaves it
+    assert end.value("fedge_coordinator_round_seconds_bucket", le="10.0") == 0
+    assert end.value("fedge_coordinator_round_seconds_bucket", le="30.0") == 1
+    assert end.value("fedge_coordinator_round_seconds_count") == 1
+
+
+def test_the_server_serves_both_formats_and_names_a_taken_port() -> None:
+    state, registry = _AgentState(), new_registry()
+    register_agent_metrics(registry, state.readings())
+    state.counts.received = 9
     server = MetricsServer(registry, port=free_port(), host="127.0.0.1")
     server.start()
     try:
-        base = f"http://127.0.0.1:{server.port}"
-        with urllib.request.urlopen(f"{base}/metrics", timeout=HTTP_TIMEOUT_S) as response:
-            assert response.status == 200
-            assert response.headers["Content-Type"] == CONTENT_TYPE
-            body = response.read().decode("utf-8")
-        assert parse_exposition(body)["demo_read_total"].value("demo_read_total") == 42
-        for path in ("/", "/metric", "/metrics/extra"):
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                urllib.request.urlopen(f"{base}{path}", timeout=HTTP_TIMEOUT_S)
-            assert refused.value.code == 404
-            refused.value.close()
+        assert scrape(server.port).value("fedge_agent_frames_received_total") == 9
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}/metrics",
+            headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+        )
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+            text = response.read().decode("utf-8")
+        parsed = openmetrics_families(text)  # type: ignore[no-untyped-call]
+        families = {family.name: family for family in parsed}
+        assert families["fedge_agent_model"].type == "info"
+        assert families["fedge_agent_frames_received"].samples[0].value == 9
         with pytest.raises(ConfigError) as taken:
             MetricsServer(registry, port=server.port, host="127.0.0.1").start()
         assert taken.value.reason == "metrics_port"
