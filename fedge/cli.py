@@ -599,9 +599,11 @@ def demo(
 
 
 def _register_commands() -> None:
+    from fedge.bridge import mosquitto_bridge
     from fedge.camera import camera_command
     from fedge.deploy import deploy_group
 
+    deploy_group.add_command(mosquitto_bridge)
     cli.add_command(camera_command)
     cli.add_command(deploy_group)
 

@@ -43,6 +43,7 @@ __all__ = [
     "operator_rules",
     "read_agents_file",
     "write_password_file",
+    "write_private",
 ]
 
 logger = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ def _mosquitto_passwd() -> str:
     return found
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Create ``path`` readable by its owner only, from the first byte on."""
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
@@ -276,7 +277,7 @@ def write_password_file(path: Path, passwords: dict[str, str]) -> None:
     appear on a command line (``-b`` would show them to every local user in ``ps``).
     """
     tool = _mosquitto_passwd()
-    _write_private(path, "".join(f"{user}:{password}\n" for user, password in passwords.items()))
+    write_private(path, "".join(f"{user}:{password}\n" for user, password in passwords.items()))
     try:
         done = subprocess.run(
             [tool, "-U", str(path)],
@@ -387,7 +388,7 @@ def mosquitto_acl(out_dir: Path, *, force: bool, **options: Any) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     passwords = generate_passwords(client.username for client in clients)
     write_password_file(paths["passwords"], passwords)
-    _write_private(paths["credentials.toml"], credentials_toml(clients, passwords))
+    write_private(paths["credentials.toml"], credentials_toml(clients, passwords))
     paths["acl"].write_text(_render_acl(topics, clients), encoding="utf-8")
     logger.info("wrote broker ACL for %d users to %s", len(clients), out_dir)
     for client in clients:

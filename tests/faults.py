@@ -4,8 +4,9 @@
 broker, with two threads per connection (one per direction). ``hold_upstream()`` makes it
 swallow what clients send from then on (the bytes are counted and never delivered), while
 the broker's traffic still reaches the clients: the broker never sees a PUBLISH, so it
-never acknowledges it. ``close()`` ends every connection and thread; the proxy is a
-context manager so a test cannot leave it running.
+never acknowledges it. ``cut()`` breaks the link: every connection ends and new ones are
+accepted and closed at once, until ``restore()``. ``close()`` ends every connection and
+thread; the proxy is a context manager so a test cannot leave it running.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class TcpProxy:
         self.host: str = host
         self.port: int = self._listener.getsockname()[1]
         self._held = threading.Event()
+        self._cut = threading.Event()
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
@@ -63,6 +65,19 @@ class TcpProxy:
         """From now on, keep every client->broker byte; broker->client bytes still flow."""
         self._held.set()
 
+    def cut(self) -> None:
+        """Break the link: end every connection, refuse new ones until :meth:`restore`."""
+        self._cut.set()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+    def restore(self) -> None:
+        """Mend the link: new connections go through again, nothing is held any more."""
+        self._held.clear()
+        self._cut.clear()
+
     def close(self) -> None:
         """Close the listener and every connection; wait for the threads to end."""
         if self._closed.is_set():
@@ -89,6 +104,10 @@ class TcpProxy:
                 if not self._closed.is_set():
                     logger.warning("proxy listener failed", exc_info=True)
                 return
+            if self._cut.is_set():
+                _shut(client)
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(self.upstream)
             except OSError as exc:
