@@ -55,6 +55,10 @@ class AgentConfig(FedgeSettings):
     coordinator_key: Path | None = None
     trainer: Literal["auto", "litert", "keras"] = "auto"
     follow_fleet_models: bool = True
+    # local differential privacy: noise added to every update before it leaves the agent
+    local_dp_noise_multiplier: Annotated[float, Field(gt=0.0, le=1000.0)] | None = None
+    local_dp_clip_norm: Annotated[float, Field(gt=0.0)] | None = None
+    local_dp_delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5
     # observability
     home_assistant_discovery: bool = False
     home_assistant_prefix: Annotated[

@@ -26,6 +26,7 @@ from agent.metrics import AgentReadings, register_agent_metrics
 from agent.model import ServingModel, load_serving_model
 from agent.outbox import Outbox
 from agent.pipeline import FrameProcessor, InferenceOptions
+from agent.privacy import LocalDp
 from agent.store import SampleStore
 from agent.training import available_trainers
 from fedge import __version__
@@ -460,6 +461,19 @@ class Agent:
             verify_key=load_verify_key(self.config.coordinator_key),
             trainer_kind=kind,
             on_swap=self._swap if self.config.follow_fleet_models else None,
+            local_dp=self._local_dp(),
+        )
+
+    def _local_dp(self) -> LocalDp | None:
+        if self.config.local_dp_noise_multiplier is None:
+            return None
+        ledger = self.config.data_dir / "federated" / "local_dp.json"
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        return LocalDp(
+            noise_multiplier=self.config.local_dp_noise_multiplier,
+            clip_norm=self.config.local_dp_clip_norm,
+            delta=self.config.local_dp_delta,
+            ledger_path=ledger,
         )
 
     def _swap(self, serving: ServingModel) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 from agent.augment import Augmenter
 from agent.model import ServingModel
 from agent.preprocess import decode_image, prepare_input
+from agent.privacy import LocalDp, privatise_update
 from agent.store import SampleStore
 from agent.training import TrainConfig, Trainer, make_trainer
 from fedge.mqtt import MqttLink
@@ -95,6 +96,7 @@ class FederatedClient:
         verify_key: VerifyKey,
         trainer_kind: str,
         on_swap: SwapCallback | None = None,
+        local_dp: LocalDp | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.topics = topics
@@ -108,6 +110,7 @@ class FederatedClient:
         self._key = verify_key
         self._trainer_kind = trainer_kind
         self._on_swap = on_swap
+        self._local_dp = local_dp
         self._jobs: queue.Queue[_Job] = queue.Queue()
         self._fetchers: dict[str, BlobFetcher] = {}
         self._fetch_lock = threading.Lock()
@@ -239,6 +242,9 @@ class FederatedClient:
             ),
         )
         deltas = [new - old for new, old in zip(trainer.get_weights(), weights, strict=True)]
+        deltas, clipped = privatise_update(
+            deltas, round_clip_norm=config.clip_norm, local=self._local_dp
+        )
         blob = encode_update(deltas, encoding=Encoding(config.update_encoding.value))
         manifest, chunks = split_blob(blob)
         complete = UpdateComplete(
@@ -254,6 +260,7 @@ class FederatedClient:
             loss=report.loss if np.isfinite(report.loss) else None,
             accuracy=report.val_accuracy,
             train_seconds=report.seconds,
+            clipped=clipped,
         )
         self._keep_update(number, blob, complete)
         self._send_update(number, chunks, complete)

@@ -12,8 +12,10 @@ import time
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
+from coordinator.dp import DP_OPTION_PREFIX, DpOptions, check_strategy
 from coordinator.metrics import RoundMeter
 from coordinator.mqtt_fleet import MqttFleet
+from coordinator.private_rounds import REFUSED_REASON
 from coordinator.production import KerasModelProducer
 from coordinator.reference import DIGITS_LABELS, digits_preprocess_spec, load_digits_split
 from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
@@ -66,7 +68,13 @@ def plan_from_command(command: StartRounds) -> RoundPlan:
         config = RoundConfig.model_validate(config_fields, strict=False)
     except ValueError as exc:
         raise FedgeError(f"invalid round options: {exc}", reason="bad_options") from exc
+    privacy = DpOptions.from_options(strategy_options)
+    strategy_options = {
+        k: v for k, v in strategy_options.items() if not k.startswith(DP_OPTION_PREFIX)
+    }
     make_strategy(command.strategy, **strategy_options)  # refuse a bad strategy at once
+    if privacy is not None:
+        check_strategy(command.strategy, strategy_options)
     return RoundPlan(
         rounds=command.rounds,
         min_agents=command.min_agents,
@@ -76,6 +84,7 @@ def plan_from_command(command: StartRounds) -> RoundPlan:
         strategy_options=strategy_options,
         config=config,
         max_update_norm=max_update_norm,
+        privacy=privacy,
     )
 
 
@@ -271,7 +280,10 @@ class Coordinator:
 
     def _run_plan(self, plan: RoundPlan) -> None:
         try:
-            self.outcomes.extend(self.runner.run_plan(plan))
+            outcomes = self.runner.run_plan(plan)
+            self.outcomes.extend(outcomes)
+            if outcomes and outcomes[-1].privacy_stop:
+                self.fleet.report_error(REFUSED_REASON, f"rounds stopped: {outcomes[-1].reason}")
         except FedgeError as exc:
             logger.error("rounds stopped: %s", exc)  # noqa: TRY400 - the reason says it all
             self.fleet.report_error(exc.reason, f"rounds stopped: {exc}")
@@ -293,6 +305,7 @@ class Coordinator:
     def _publish_status(self, phase: Phase) -> None:
         progress = self._progress if phase is Phase.ANNOUNCED else {}
         version = self.state.get("current_version")
+        spent = _privacy_spent(self.state)
         status = CoordinatorStatus(
             state=phase,
             timestamp=time.time(),
@@ -302,6 +315,8 @@ class Coordinator:
             updates_received=progress.get("received", 0),
             selected=progress.get("selected", 0),
             detail=_detail(progress, self.state),
+            epsilon=spent[0] if spent else None,
+            delta=spent[1] if spent else None,
         )
         self.link.publish(self.topics.coordinator_status(), encode_message(status), retain=True)
 
@@ -313,6 +328,14 @@ def _detail(progress: dict[str, Any], state: CoordinatorState) -> str | None:
     done = [r for r in state.rounds() if r.state == "done"]
     if done and done[-1].metrics.get("accuracy") is not None:
         return f"round {done[-1].round} accuracy {done[-1].metrics['accuracy']:.3f}"
+    return None
+
+
+def _privacy_spent(state: CoordinatorState) -> tuple[float, float] | None:
+    """The (epsilon, delta) of the newest DP round, for the status message."""
+    for record in reversed(state.rounds()):
+        if "dp_epsilon" in record.metrics:
+            return float(record.metrics["dp_epsilon"]), float(record.metrics["dp_delta"])
     return None
 
 

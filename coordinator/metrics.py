@@ -46,6 +46,11 @@ class RoundMeter:
             "Held-out accuracy of the newest round's model.",
             registry=registry,
         )
+        self.epsilon = Gauge(
+            "fedge_coordinator_privacy_epsilon",
+            "DP-FedAvg: epsilon spent so far (at the plan's delta), by the RDP accountant.",
+            registry=registry,
+        )
         self.seconds = Histogram(
             "fedge_coordinator_round_seconds",
             "Start to release, per round done.",
@@ -74,4 +79,6 @@ class RoundMeter:
             return
         if outcome.metrics.get("accuracy") is not None:
             self.accuracy.set(float(outcome.metrics["accuracy"]))
+        if outcome.metrics.get("dp_epsilon") is not None:
+            self.epsilon.set(float(outcome.metrics["dp_epsilon"]))
         self.seconds.observe(float(outcome.metrics.get("seconds", 0.0)))

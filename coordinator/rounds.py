@@ -12,20 +12,28 @@ import logging
 import math
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from coordinator.dp import DpOptions, check_strategy
 from coordinator.fleet import AgentInfo, Fleet, ReceivedUpdate
+from coordinator.private_rounds import RoundPrivacy
 from coordinator.state import CoordinatorState, StoredUpdate
 from coordinator.strategies import ClientUpdate, Strategy, make_strategy
 from coordinator.validation import validate_update
 from protocol.chunks import CHUNK_HEADER_BYTES
 from protocol.errors import FedgeError, ProtocolError
 from protocol.messages.agent import ErrorEvent
-from protocol.messages.rounds import ModelMetrics, ModelRelease, RoundAnnouncement, RoundConfig
+from protocol.messages.rounds import (
+    ModelMetrics,
+    ModelRelease,
+    PrivacySpent,
+    RoundAnnouncement,
+    RoundConfig,
+)
 from protocol.tensors import decode_tensors, encode_tensors
 from protocol.updates import decode_update, decode_weights
 
@@ -67,6 +75,7 @@ class RoundPlan:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     config: RoundConfig = field(default_factory=RoundConfig)
     max_update_norm: float | None = None
+    privacy: DpOptions | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +87,7 @@ class RoundPlan:
             "strategy_options": self.strategy_options,
             "config": self.config.model_dump(mode="json"),
             "max_update_norm": self.max_update_norm,
+            "privacy": self.privacy.to_json() if self.privacy else None,
         }
 
     @classmethod
@@ -91,6 +101,7 @@ class RoundPlan:
             strategy_options=data["strategy_options"],
             config=RoundConfig.model_validate_json(_dumps(data["config"])),
             max_update_norm=data.get("max_update_norm"),
+            privacy=DpOptions.from_json(data["privacy"]) if data.get("privacy") else None,
         )
 
 
@@ -101,6 +112,7 @@ class RoundOutcome:
     version: str | None
     reason: str | None
     metrics: dict[str, Any]
+    privacy_stop: bool = False  # no round ran: the privacy budget could not pay for it
 
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -125,6 +137,7 @@ class RoundRunner:
         self._on_progress = on_progress
         self._on_outcome = on_outcome
         self._stop_requested = False
+        self.privacy = RoundPrivacy(state)
 
     # releases
     def current_release(self) -> ModelRelease:
@@ -154,10 +167,18 @@ class RoundRunner:
     # the plan
     def run_plan(self, plan: RoundPlan) -> list[RoundOutcome]:
         """Run (or resume) ``plan``; returns the outcome of every round run now."""
+        if plan.privacy is not None:
+            check_strategy(plan.strategy, plan.strategy_options)
         self.state.put("plan", plan.to_json())
         done = int(self.state.get("plan_rounds_done") or 0)
         outcomes = []
         while done < plan.rounds and not self._stop_requested:
+            refused = self._privacy_refusal(plan)
+            if refused is not None:
+                outcomes.append(refused)
+                if self._on_outcome is not None:
+                    self._on_outcome(refused)
+                break
             outcome = self.run_round(plan)
             outcomes.append(outcome)
             if self._on_outcome is not None:
@@ -167,6 +188,20 @@ class RoundRunner:
         self.state.put("plan", None)
         self.state.put("plan_rounds_done", 0)
         return outcomes
+
+    def _privacy_refusal(self, plan: RoundPlan) -> RoundOutcome | None:
+        """A stop before a round the privacy budget cannot pay for (a resumed one was paid)."""
+        last = self.state.round(self.state.last_round_number())
+        if plan.privacy is None or (last is not None and last.state == "announced"):
+            return None
+        reason = self.privacy.refusal(plan.privacy)
+        if reason is None:
+            return None
+        logger.warning("rounds stopped: %s", reason)
+        number = self.state.last_round_number() + 1
+        return RoundOutcome(
+            number, ok=False, version=None, reason=reason, metrics={}, privacy_stop=True
+        )
 
     def pending_plan(self) -> RoundPlan | None:
         data = self.state.get("plan")
@@ -188,7 +223,9 @@ class RoundRunner:
         release = self.current_release()
         round_number = self.state.last_round_number() + 1
         strategy = self._strategy(plan)
-        overrides = strategy.round_config_overrides()
+        overrides: dict[str, Any] = dict(strategy.round_config_overrides())
+        if plan.privacy is not None:
+            overrides["clip_norm"] = self.privacy.clip_norm(plan.privacy)
         config = plan.config.model_copy(
             update={**overrides, "seed": plan.config.seed + round_number}
         )
@@ -341,6 +378,8 @@ class RoundRunner:
         )
         if not stored:
             logger.info("duplicate update from %s for round %d ignored", agent, complete.round)
+        elif plan.privacy is not None and plan.privacy.adaptive:
+            self.privacy.note(complete)
 
     def _aggregate(
         self,
@@ -357,15 +396,36 @@ class RoundRunner:
         aggregation = strategy.begin(base)
         total_examples = 0
         agents = sorted(self.state.update_agents(number))
-        for agent in agents:
-            stored = self.state.update(number, agent)
-            assert stored is not None
-            deltas = decode_update(stored.payload)
-            weights = [b + d for b, d in zip(base, deltas, strict=True)]
-            aggregation.add(
-                ClientUpdate(agent=agent, weights=weights, num_examples=stored.num_examples)
+        privacy_metrics: dict[str, Any] = {}
+        spent: PrivacySpent | None = None
+        stored_updates = (self.state.update(number, agent) for agent in agents)
+        if plan.privacy is not None:
+            counted = [0]
+
+            def payloads() -> Iterator[tuple[str, bytes]]:
+                for stored in stored_updates:
+                    assert stored is not None
+                    counted[0] += stored.num_examples
+                    yield stored.agent, stored.payload
+
+            noisy, privacy_metrics, spent = self.privacy.aggregate(
+                number, base, payloads(), plan.privacy
             )
-            total_examples += stored.num_examples
+            total_examples = counted[0]
+            # The strategy sees one update, the noisy mean: FedAvg keeps it, a server
+            # optimiser steps along it.
+            aggregation.add(ClientUpdate(agent="dp-mean", weights=noisy, num_examples=1))
+        else:
+            for stored in stored_updates:
+                assert stored is not None
+                deltas = decode_update(stored.payload)
+                weights = [b + d for b, d in zip(base, deltas, strict=True)]
+                aggregation.add(
+                    ClientUpdate(
+                        agent=stored.agent, weights=weights, num_examples=stored.num_examples
+                    )
+                )
+                total_examples += stored.num_examples
         new_weights = aggregation.result()
         self.state.put(
             f"strategy_state_r{number}", _encode_state(strategy.state_dict(), self.state)
@@ -373,7 +433,11 @@ class RoundRunner:
         metrics_model = self.producer.evaluate(new_weights)
         version = f"r{number}"
         release = self._publish(
-            version=version, round_number=number, weights=new_weights, metrics=metrics_model
+            version=version,
+            round_number=number,
+            weights=new_weights,
+            metrics=metrics_model,
+            privacy=spent,
         )
         record = self.state.round(number)
         started = record.started_at if record else self.fleet.now()
@@ -387,6 +451,7 @@ class RoundRunner:
             "bytes_down_per_agent": _download_bytes(announcement.release.weights),
             "version": release.version,
             "seconds": max(0.0, self.fleet.now() - started),
+            **privacy_metrics,
         }
         self.state.finish_round(number, state="done", reason=None, metrics=metrics)
         logger.info(
@@ -404,10 +469,13 @@ class RoundRunner:
         round_number: int,
         weights: Sequence[np.ndarray],
         metrics: ModelMetrics | None,
+        privacy: PrivacySpent | None = None,
     ) -> ModelRelease:
         release, blobs = self.producer.release(
             version=version, round_number=round_number, weights=weights, metrics=metrics
         )
+        if privacy is not None:
+            release = release.model_copy(update={"privacy": privacy})
         for sha256, data in blobs.items():
             self.state.put_blob(sha256, data)
         self.state.put_release(version, round_number, release.model_dump_json())

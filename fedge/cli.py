@@ -402,6 +402,32 @@ def round_group() -> None:
     metavar="KEY=VALUE",
     help="Strategy option, e.g. --option mu=0.1 --option clip_norm=5.",
 )
+@click.option(
+    "--dp-noise-multiplier",
+    type=click.FloatRange(0.0, min_open=True),
+    default=None,
+    help="DP-FedAvg: Gaussian noise on the sum of clipped updates, in units of the clip norm.",
+)
+@click.option(
+    "--dp-clip-norm",
+    type=click.FloatRange(0.0, min_open=True),
+    default=None,
+    help="DP-FedAvg: every update is clipped to this L2 norm (the first one when adaptive).",
+)
+@click.option("--dp-adaptive", is_flag=True, help="DP-FedAvg: adapt the clip norm each round.")
+@click.option(
+    "--dp-target-epsilon",
+    type=click.FloatRange(0.0, min_open=True),
+    default=None,
+    help="DP-FedAvg: stop before a round would spend more than this epsilon.",
+)
+@click.option(
+    "--dp-delta",
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    default=1e-5,
+    show_default=True,
+    help="DP-FedAvg: the delta epsilon is reported and budgeted at.",
+)
 def round_start(
     broker_url: str,
     *,
@@ -418,6 +444,8 @@ def round_start(
     Examples:
       fedge round start --rounds 30 --min-agents 8 --deadline 30s
       fedge round start --strategy fedadam --option eta=0.01 --encoding int8
+      fedge round start --rounds 30 --dp-noise-multiplier 1.0 --dp-clip-norm 0.5 \\
+          --dp-target-epsilon 8
     """
     from fedge.mqtt import parse_broker_url
     from fedge.remote import send_command
@@ -434,6 +462,7 @@ def round_start(
         if not separator or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
         options[key] = _option_value(value)
+    options.update(_dp_options(settings))
     command = StartRounds(
         command_id=_command_id(),
         rounds=int(settings["rounds"]),  # type: ignore[call-overload]
@@ -509,6 +538,15 @@ def _seconds(text: str) -> float:
     if value <= 0:
         raise click.BadParameter("the deadline must be positive", param_hint="--deadline")
     return value
+
+
+def _dp_options(settings: dict[str, object]) -> dict[str, str | int | float | bool]:
+    """The --dp-* flags as the coordinator's dp_* options; none unless DP was asked for."""
+    values = {name: settings.pop(name) for name in [k for k in settings if k.startswith("dp_")]}
+    if values["dp_noise_multiplier"] is None and values["dp_clip_norm"] is None:
+        return {}
+    chosen = {k: v for k, v in values.items() if v is not None and v is not False}
+    return {k: v if isinstance(v, bool) else float(v) for k, v in chosen.items()}  # type: ignore[arg-type]
 
 
 def _option_value(text: str) -> str | int | float | bool:

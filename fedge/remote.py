@@ -78,9 +78,16 @@ def _table(status: CoordinatorStatus | None) -> Table:
             str(status.agents_online),
             str(status.selected),
             str(status.updates_received),
-            status.detail or "",
+            _with_privacy(status),
         )
     return table
+
+
+def _with_privacy(status: CoordinatorStatus) -> str:
+    if status.epsilon is None:
+        return status.detail or ""
+    spent = f"DP: epsilon {status.epsilon:.3g} at delta {status.delta:g}"
+    return f"{status.detail}; {spent}" if status.detail else spent
 
 
 def show_status(broker: BrokerAddress, topics: Topics, *, console: Console, watch: bool) -> None:

@@ -16,6 +16,7 @@ __all__ = [
     "CoordinatorStatus",
     "ModelMetrics",
     "ModelRelease",
+    "PrivacySpent",
     "RoundAnnouncement",
     "RoundConfig",
     "UpdateComplete",
@@ -51,6 +52,21 @@ class ModelMetrics(Message):
     evaluated_on: Count = 0
 
 
+class PrivacySpent(Message):
+    """The differential privacy a fleet's data has spent up to a release (DP-FedAvg).
+
+    User-level (epsilon, delta): one agent's whole sample store is the unit protected.
+    """
+
+    kind: Literal["privacy_spent"] = "privacy_spent"
+    epsilon: NonNegativeFloat
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)]
+    rounds: Count
+    noise_multiplier: Annotated[float, Field(gt=0.0)]
+    clip_norm: Annotated[float, Field(gt=0.0)]
+    accounting: ShortText = "rdp, no sampling amplification"
+
+
 class ModelRelease(Message):
     """One model version: the blobs an agent needs, signed by the coordinator.
 
@@ -72,6 +88,7 @@ class ModelRelease(Message):
     train_batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
     metrics: ModelMetrics | None = None
     created_at: NonNegativeFloat = 0.0
+    privacy: PrivacySpent | None = None
 
 
 class RoundConfig(Message):
@@ -86,6 +103,8 @@ class RoundConfig(Message):
     augment: bool = False  # augment training images as the preprocessing allows
     validation_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
     seed: Count = 0
+    # DP-FedAvg: every agent clips its update (the change to the weights) to this L2 norm.
+    clip_norm: Annotated[float, Field(gt=0.0, le=1e6)] | None = None
 
 
 class RoundAnnouncement(Message):
@@ -116,6 +135,8 @@ class UpdateComplete(Message):
     loss: Annotated[float, Field(allow_inf_nan=False)] | None = None
     accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     train_seconds: NonNegativeFloat = 0.0
+    # With a clip norm: whether the update's norm was above it (adaptive clipping counts them).
+    clipped: bool | None = None
 
 
 class CoordinatorState(StrEnum):
@@ -137,3 +158,6 @@ class CoordinatorStatus(Message):
     updates_received: Count = 0
     selected: Count = 0
     detail: ShortText | None = None
+    # With DP-FedAvg: the (epsilon, delta) spent so far.
+    epsilon: Annotated[float, Field(ge=0.0)] | None = None
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
