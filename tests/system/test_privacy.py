@@ -75,6 +75,8 @@ def test_dp_rounds_clip_on_the_agents_and_report_epsilon_everywhere(
                 release = ModelRelease.model_validate_json(signed.body)
                 assert release.privacy is not None
                 assert abs(release.privacy.epsilon - two_rounds) <= 1e-9
-        assert f"fedge_coordinator_privacy_epsilon {two_rounds!r}" in coordinator.metrics.render()
+        gauge = coordinator.metrics.get_sample_value("fedge_coordinator_privacy_epsilon")
+        assert gauge is not None
+        assert abs(gauge - two_rounds) <= 1e-9
         for agent in fed.agents:
             assert "Traceback" not in agent.log()
