@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import re
-import shutil
-import subprocess
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -22,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from protocol.topics import Topics
-from tests.brokers import AmqttProcess, MosquittoProcess, find_mosquitto
+from tests.brokers import AmqttProcess, MosquittoProcess
+from tests.system_packages import ensure_program
 
 pytest_plugins = ["tests.fixtures_models"]
 
 ALLOW_LOGGED_ERRORS = "allow_logged_errors"
-APT_TIMEOUT_S = 600
 _ROOT_PREFIX = "t-"
 _MAX_ROOT_CHARS = 64
 _SUFFIX_HEX_CHARS = 8
@@ -44,37 +41,26 @@ def pytest_configure(config: pytest.Config) -> None:
 # --- brokers ---------------------------------------------------------------------------
 
 
-def _apt_get(*args: str) -> bool:
-    result = subprocess.run(
-        ["apt-get", *args],
-        capture_output=True,
-        check=False,
-        timeout=APT_TIMEOUT_S,
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-    )
-    return result.returncode == 0
-
-
-def _mosquitto_binary() -> Path:
-    """The mosquitto binary; installed with apt when missing and running as root."""
-    binary = find_mosquitto()
-    if binary is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        if not _apt_get("install", "-y", "mosquitto"):
-            _apt_get("update")
-            _apt_get("install", "-y", "mosquitto")
-        binary = find_mosquitto()
-    if binary is None:
-        pytest.fail(
-            "MOSQUITTO IS NOT INSTALLED: broker tests need a real Mosquitto "
-            "(`apt-get install -y mosquitto`, or your platform's package); "
-            "these tests are never skipped",
-            pytrace=False,
-        )
-    return binary
+# Mosquitto's clients come with it: `mosquitto_pub -f photo.jpg` is how README feeds an agent.
+MOSQUITTO_PACKAGES = ("mosquitto", "mosquitto-clients")
 
 
 @pytest.fixture(scope="session")
-def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoProcess]:
+def mosquitto_binary() -> Path:
+    """The mosquitto binary; Mosquitto and its clients are installed with apt when missing."""
+    return ensure_program("mosquitto", MOSQUITTO_PACKAGES)
+
+
+@pytest.fixture(scope="session")
+def mosquitto_pub() -> Path:
+    """The ``mosquitto_pub`` client, installed with Mosquitto when missing."""
+    return ensure_program("mosquitto_pub", MOSQUITTO_PACKAGES)
+
+
+@pytest.fixture(scope="session")
+def mosquitto(
+    tmp_path_factory: pytest.TempPathFactory, mosquitto_binary: Path
+) -> Iterator[MosquittoProcess]:
     """One Mosquitto (2.0, persistence on) on a free loopback port for the whole session.
 
     Shared by every test: never stop, kill or restart it (use ``fresh_mosquitto``).
@@ -82,7 +68,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoPro
     session (paho clean_session=False, MQTT 3.1.1), last wills on a dropped socket and
     5 MB payloads.
     """
-    broker = MosquittoProcess(_mosquitto_binary(), tmp_path_factory.mktemp("mosquitto"))
+    broker = MosquittoProcess(mosquitto_binary, tmp_path_factory.mktemp("mosquitto"))
     broker.start()
     try:
         yield broker
@@ -91,7 +77,9 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoPro
 
 
 @pytest.fixture
-def fresh_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoProcess]:
+def fresh_mosquitto(
+    tmp_path_factory: pytest.TempPathFactory, mosquitto_binary: Path
+) -> Iterator[MosquittoProcess]:
     """A Mosquitto of this test's own, free to ``stop()``, ``kill()``, ``start()``, ``restart()``.
 
     Same config as ``mosquitto`` (see ``tests.brokers.mosquitto_config``). Findings with
@@ -105,7 +93,7 @@ def fresh_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosqui
       only once the periodic autosave ran (about every two seconds). A message killed
       within that window is lost, as on a real crash.
     """
-    broker = MosquittoProcess(_mosquitto_binary(), tmp_path_factory.mktemp("fresh-mosquitto"))
+    broker = MosquittoProcess(mosquitto_binary, tmp_path_factory.mktemp("fresh-mosquitto"))
     broker.start()
     try:
         yield broker

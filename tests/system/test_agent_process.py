@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -126,14 +125,13 @@ def test_fedge_camera_folder_gives_correct_results(
 def test_mosquitto_pub_file_gives_a_result(
     agent_process: MessageCollector,
     mosquitto: MosquittoProcess,
+    mosquitto_pub: Path,
     topics: Topics,
     tmp_path: Path,
 ) -> None:
     images, truth = held_out_digits(1)
     photo = tmp_path / "some.png"
     photo.write_bytes(images[0])
-    mosquitto_pub = shutil.which("mosquitto_pub")
-    assert mosquitto_pub, "mosquitto_pub comes with Mosquitto (apt package mosquitto-clients)"
     subprocess.run(
         [
             mosquitto_pub,

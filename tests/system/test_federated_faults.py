@@ -29,7 +29,6 @@ from tests.brokers import (
     MosquittoProcess,
     Received,
     disconnect,
-    find_mosquitto,
     mqtt_client,
     subscribe,
     wait_until,
@@ -315,11 +314,11 @@ def _rounds_done(agent: AgentProcess) -> set[int]:
 
 
 @pytest.fixture
-def capped_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoProcess]:
+def capped_mosquitto(
+    tmp_path_factory: pytest.TempPathFactory, mosquitto_binary: Path
+) -> Iterator[MosquittoProcess]:
     """A Mosquitto that disconnects any client sending a packet above 128 KiB + overhead."""
-    binary = find_mosquitto()
-    if binary is None:
-        pytest.fail("MOSQUITTO IS NOT INSTALLED: broker tests need a real Mosquitto")
+    binary = mosquitto_binary
     broker = MosquittoProcess(
         binary,
         tmp_path_factory.mktemp("capped-mosquitto"),

@@ -42,7 +42,6 @@ from tests.brokers import (
     MessageCollector,
     Received,
     disconnect,
-    find_mosquitto,
     free_port,
     publish,
     wait_until,
@@ -315,10 +314,10 @@ def _port_open(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
-    binary = find_mosquitto()
-    if binary is None:
-        pytest.fail("mosquitto is not installed (`apt-get install -y mosquitto`)")
+def secure_broker(
+    tmp_path_factory: pytest.TempPathFactory, mosquitto_binary: Path
+) -> Iterator[SecureBroker]:
+    binary = mosquitto_binary
     workdir = tmp_path_factory.mktemp("secure-mosquitto")
     topics = Topics(root=f"t-secure-{uuid.uuid4().hex[:8]}", fleet="test")
     auth_dir = workdir / "auth"
