@@ -327,17 +327,26 @@ class EmbeddedBroker:
         await _serve(self._settings, self._stop, self._ready.set)
 
 
-async def _serve_until_signal(settings: _Settings, ready: threading.Event | None) -> None:
+async def _serve_until_signal(settings: _Settings, ready: threading.Event | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if received:  # a second Ctrl-C: no clean shutdown wanted, leave now
+            os._exit(128 + signal.SIGINT)
+        received.append(signum)
+        stop.set()
+
     signals = (signal.SIGTERM, signal.SIGINT)
     for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
         await _serve(settings, stop, ready.set if ready is not None else lambda: None)
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
+    return received[0] if received else 0
 
 
 def run_embedded_broker(
@@ -347,15 +356,16 @@ def run_embedded_broker(
     username: str = DEFAULT_BROKER_USERNAME,
     password: str = DEFAULT_BROKER_PASSWORD,
     ready: threading.Event | None = None,
-) -> None:
+) -> int:
     """Serve in the calling (main) thread until SIGTERM or SIGINT, then shut down cleanly.
 
+    Returns the signal that stopped it; a second signal exits the process at once.
     ``ready`` is set once the port accepts connections. Raises :class:`TransportError`
     if the broker cannot listen (port taken, address not local).
     """
     settings = _Settings(host, port, username, password)
     _quiet_amqtt_logging()
-    asyncio.run(_serve_until_signal(settings, ready))
+    return asyncio.run(_serve_until_signal(settings, ready))
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -391,11 +401,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in _NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.DEBUG)
     try:
-        run_embedded_broker(args.host, args.port, username=args.username, password=args.password)
+        stopped_by = run_embedded_broker(
+            args.host, args.port, username=args.username, password=args.password
+        )
     except (TransportError, ConfigError) as exc:
         logger.error("%s", exc)  # noqa: TRY400 - the message says it all; no traceback
         return 1
-    return 0
+    except KeyboardInterrupt:  # Ctrl-C before the loop's handlers were in place
+        return 128 + signal.SIGINT
+    return 128 + signal.SIGINT if stopped_by == signal.SIGINT else 0
 
 
 if __name__ == "__main__":

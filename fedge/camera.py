@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import signal
 import sys
 import threading
 import time
@@ -31,12 +30,12 @@ import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import click
 from pydantic import ValidationError
 
+from fedge.interrupts import INTERRUPTED_EXIT_STATUS, Interrupted, StopSignals
 from protocol.errors import ConfigError, FrameError, PreprocessError, TopicError, TransportError
 from protocol.frames import FrameMeta, encode_envelope, payload_shape
 from protocol.topics import DEFAULT_FLEET, DEFAULT_ROOT, Topics, validate_filter
@@ -607,28 +606,6 @@ def _frames_topic(options: _CommandOptions) -> str:
     return options.topic
 
 
-@contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Ctrl-C (or SIGTERM) ends the run after the current frame; a second Ctrl-C aborts."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        if stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop.set()
-
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, request_stop)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def _progress_line(report: CameraReport) -> str:
     from rich.filesize import decimal
 
@@ -791,14 +768,26 @@ def camera_command(source: str, **raw_options: Any) -> None:
         clean_session=True,
     )
     stop = threading.Event()
-    try:
-        link.start()
-        link.wait_connected(CONNECT_TIMEOUT_S)
-        with _stop_on_signals(stop), _live_progress(console) as on_progress:
-            report = publish_frames(
-                link, labelled, topic=topic, settings=settings, on_progress=on_progress, stop=stop
-            )
-    finally:
-        frames.close()
-        link.stop()
-    console.print(_summary_line(report), soft_wrap=True, highlight=False, markup=False)
+    # Ctrl-C (or SIGTERM) ends the run after the current frame; a second Ctrl-C at once.
+    with StopSignals() as stops:
+        stops.on_stop(stop.set)
+        try:
+            link.start()
+            link.wait_connected(CONNECT_TIMEOUT_S)
+            stops.check()
+            with _live_progress(console) as on_progress:
+                report = publish_frames(
+                    link,
+                    labelled,
+                    topic=topic,
+                    settings=settings,
+                    on_progress=on_progress,
+                    stop=stop,
+                )
+        except Interrupted:
+            raise SystemExit(INTERRUPTED_EXIT_STATUS) from None
+        finally:
+            frames.close()
+            link.stop()
+        console.print(_summary_line(report), soft_wrap=True, highlight=False, markup=False)
+    stops.exit_if_interrupted()

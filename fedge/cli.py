@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.console import Console
 
+from fedge.interrupts import INTERRUPTED_EXIT_STATUS
 from protocol.errors import FedgeError
 
 if TYPE_CHECKING:
@@ -22,7 +24,10 @@ console = Console(stderr=True)
 
 
 class _FedgeGroup(click.Group):
-    """Turns a FedgeError into one clear line and exit status 2: no traceback for user mistakes."""
+    """Turns a FedgeError into one clear line and exit status 2: no traceback for user mistakes.
+
+    A Ctrl-C that reaches this far ends the command with status 130, as the shell expects.
+    """
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -30,6 +35,10 @@ class _FedgeGroup(click.Group):
         except FedgeError as exc:
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise SystemExit(2) from exc
+        except KeyboardInterrupt:
+            # Ctrl-C before a command installed its own handlers: status 130, no traceback.
+            console.print("interrupted")
+            raise SystemExit(INTERRUPTED_EXIT_STATUS) from None
 
 
 @click.group(cls=_FedgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -134,7 +143,9 @@ def broker(host: str, port: int, username: str, password: str) -> None:
     from fedge.broker import run_embedded_broker
 
     console.print(f"embedded broker on mqtt://{host}:{port} (user {username!r}); Ctrl-C stops it")
-    run_embedded_broker(host, port, username=username, password=password)
+    stopped_by = run_embedded_broker(host, port, username=username, password=password)
+    if stopped_by == signal.SIGINT:
+        raise SystemExit(INTERRUPTED_EXIT_STATUS)
 
 
 # --- agent ---------------------------------------------------------------------------
@@ -196,30 +207,26 @@ def agent_run(config_path: Path | None, **overrides: object) -> None:
       fedge agent run --broker mqtt://pi-hub:1883 --model digits.tflite --labels labels.txt
       FEDGE_MAX_FPS=5 fedge agent run --model model.tflite
     """
-    import signal
-
     from agent.daemon import Agent
+    from fedge.interrupts import StopSignals
 
     config = _agent_config(config_path, **overrides)
-    daemon = Agent(config)
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        daemon.request_stop()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    model = daemon.serving.version if daemon.serving else "no model yet"
-    console.print(
-        f"agent [bold]{config.agent_id}[/] (fleet {config.fleet}) serving {model}; "
-        f"broker {daemon.link.address.redacted()}; frames from "
-        f"{', '.join(config.effective_frame_topics)}"
-    )
-    daemon.run_forever()
-    counts = daemon.intake.counts
-    console.print(
-        f"agent stopped: {counts.received} frames received, {counts.processed} processed, "
-        f"{counts.dropped_stale + counts.dropped_rate} dropped, {counts.rejected} rejected"
-    )
+    with StopSignals() as stops:
+        daemon = Agent(config)
+        stops.on_stop(daemon.request_stop)
+        model = daemon.serving.version if daemon.serving else "no model yet"
+        console.print(
+            f"agent [bold]{config.agent_id}[/] (fleet {config.fleet}) serving {model}; "
+            f"broker {daemon.link.address.redacted()}; frames from "
+            f"{', '.join(config.effective_frame_topics)}"
+        )
+        daemon.run_forever()
+        counts = daemon.intake.counts
+        console.print(
+            f"agent stopped: {counts.received} frames received, {counts.processed} processed, "
+            f"{counts.dropped_stale + counts.dropped_rate} dropped, {counts.rejected} rejected"
+        )
+    stops.exit_if_interrupted()
 
 
 @agent.command("config")
@@ -308,25 +315,22 @@ def coordinator_run(config_path: Path | None, **overrides: object) -> None:
       fedge coordinator run --broker mqtt://hub.local:1883
       fedge coordinator run --config /etc/fedge/coordinator.toml
     """
-    import signal
-
     from coordinator.config import load_coordinator_config
     from coordinator.daemon import Coordinator
+    from fedge.interrupts import StopSignals
 
     config = load_coordinator_config(config_path, **overrides)
     console.print("coordinator starting (building the model takes a few seconds)...")
-    daemon = Coordinator(config)
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        daemon.request_stop()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    console.print(
-        f"coordinator for fleet [bold]{config.fleet}[/] on {daemon.link.address.redacted()}; "
-        f"agents need {config.signing_key_path.with_suffix('.pub')}"
-    )
-    daemon.run_forever()
+    with StopSignals() as stops:
+        daemon = Coordinator(config)
+        stops.on_stop(daemon.request_stop)
+        console.print(
+            f"coordinator for fleet [bold]{config.fleet}[/] on {daemon.link.address.redacted()}; "
+            f"agents need {config.signing_key_path.with_suffix('.pub')}"
+        )
+        daemon.run_forever()
+        console.print("coordinator stopped")
+    stops.exit_if_interrupted()
 
 
 _BROKER_OPTIONS = [
@@ -620,6 +624,7 @@ def demo(
       fedge demo --broker mqtt://127.0.0.1:1883
     """
     from fedge.demo import DemoSettings, run_demo
+    from fedge.interrupts import StopSignals
 
     settings = DemoSettings(
         agents=agents,
@@ -629,11 +634,13 @@ def demo(
         workdir=workdir,
         drop_agent=not no_drop,
     )
-    try:
-        run_demo(settings, Console())
-    except KeyboardInterrupt:
-        console.print("demo interrupted; every process it started has been stopped")
-        raise SystemExit(130) from None
+    with StopSignals() as stops:
+        try:
+            run_demo(settings, Console(), stops)
+        except KeyboardInterrupt:
+            console.print("demo interrupted; every process it started has been stopped")
+            raise SystemExit(INTERRUPTED_EXIT_STATUS) from None
+    stops.exit_if_interrupted()
 
 
 def _register_commands() -> None:

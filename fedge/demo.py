@@ -30,6 +30,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from fedge.interrupts import StopSignals
 from protocol.errors import ConfigError, FedgeError, TransportError
 
 __all__ = ["DemoSettings", "run_demo"]
@@ -90,18 +91,25 @@ def _free_port() -> int:
 
 
 class _Processes:
-    """Every child process of the demo, ended together whatever happens."""
+    """Every child process of the demo, ended together whatever happens.
+
+    Children run in sessions of their own, so a terminal's Ctrl-C reaches only the demo,
+    which stops them in order. The demo's signal handler never raises (see
+    ``fedge.interrupts``), so a child is always in ``children`` once ``Popen`` returned.
+    """
 
     def __init__(self, logs: Path) -> None:
         self._logs = logs
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self._all: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        log = (self._logs / f"{name}.log").open("ab")
-        self.children[name] = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        log.close()
+        with (self._logs / f"{name}.log").open("ab") as log:
+            child = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        self._all.append(child)
+        self.children[name] = child
 
     def signal(self, name: str, signum: int) -> None:
         child = self.children.get(name)
@@ -115,30 +123,47 @@ class _Processes:
             child.wait(10)
 
     def stop_all(self) -> None:
-        for child in self.children.values():
+        for child in self._all:
             if child.poll() is None:
+                # A frozen (SIGSTOPped) child acts on SIGTERM only once it runs again.
+                child.send_signal(signal.SIGCONT)
                 child.terminate()
         deadline = time.monotonic() + 15
-        for child in self.children.values():
+        for child in self._all:
             try:
                 child.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait(5)
 
+    def kill_all(self) -> None:
+        """SIGKILL to every child still running: the second Ctrl-C, which cannot wait."""
+        for child in self._all:
+            if child.poll() is None:
+                child.kill()
 
-def run_demo(settings: DemoSettings, console: Console) -> dict[str, Any]:
-    """Run the demo; returns the report that is also written to ``workdir/report.json``."""
+
+def run_demo(
+    settings: DemoSettings, console: Console, stops: StopSignals | None = None
+) -> dict[str, Any]:
+    """Run the demo; returns the report that is also written to ``workdir/report.json``.
+
+    With ``stops`` (installed by the command), a first Ctrl-C makes the demo raise
+    :class:`fedge.interrupts.Interrupted` at its next safe point, after which every process
+    it started is stopped; a second one kills them all at once.
+    """
     if settings.agents < 2:
         raise ConfigError("the demo needs at least 2 agents (one of them is cut off)")
+    stops = stops if stops is not None else StopSignals()
     workdir = settings.workdir.resolve()
     if workdir.exists():
         shutil.rmtree(workdir)
     (workdir / "logs").mkdir(parents=True)
     processes = _Processes(workdir / "logs")
+    stops.on_force(processes.kill_all)
     resources: list[Any] = []
     try:
-        return _run(settings, console, workdir, processes, resources)
+        return _run(settings, console, workdir, (processes, stops), resources)
     finally:
         for resource in reversed(resources):
             try:
@@ -152,7 +177,7 @@ def _run(  # noqa: PLR0915 - one linear story, told in order
     settings: DemoSettings,
     console: Console,
     workdir: Path,
-    processes: _Processes,
+    children: tuple[_Processes, StopSignals],
     resources: list[Any],
 ) -> dict[str, Any]:
     from agent.store import SampleStore
@@ -162,6 +187,7 @@ def _run(  # noqa: PLR0915 - one linear story, told in order
     from protocol.signing import write_key_pair
     from protocol.topics import Topics
 
+    processes, stops = children
     started = time.monotonic()
     topics = Topics(fleet="demo")
     # 1. broker
@@ -174,13 +200,14 @@ def _run(  # noqa: PLR0915 - one linear story, told in order
             [sys.executable, "-m", "fedge.broker", "--port", str(port), "--username", BROKER_USER],
             env,
         )
-        _wait_for_port(port, processes, "broker")
+        _wait_for_port(port, children, "broker")
         username, password = BROKER_USER, BROKER_PASSWORD
         console.print(f"[green]✓[/] embedded broker on {broker_url}")
     else:
         broker_url, username, password = settings.broker_url, None, None
         console.print(f"[green]✓[/] using broker {broker_url}")
     # 2. keys and data
+    stops.check()
     private_key, public_key = write_key_pair(workdir / "keys")
     shares = write_agent_shares(workdir / "shares", settings.agents)
     agent_ids = [f"agent-{i}" for i in range(settings.agents)]
@@ -194,6 +221,7 @@ def _run(  # noqa: PLR0915 - one linear story, told in order
             f"[green]✓[/] {agent_id}: {imported.added} labelled digits in its store "
             "(its own non-IID share)"
         )
+        stops.check()
     # 3. coordinator
     console.print("  building the model and its trainable LiteRT twin...")
     coordinator = Coordinator(
@@ -207,8 +235,16 @@ def _run(  # noqa: PLR0915 - one linear story, told in order
             status_interval_s=3600.0,
         )
     )
-    coordinator.start()
     resources.append(coordinator.stop)
+
+    def stop_rounds() -> None:
+        # The runner in charge when the signal comes: a Ctrl-C during a round ends the
+        # round's wait at its next poll, not at its deadline.
+        coordinator.runner.request_stop()
+
+    stops.on_stop(stop_rounds)
+    stops.check()
+    coordinator.start()
     console.print("[green]✓[/] coordinator up, model r0 published (untrained)")
     # 4. agents
     for agent_id in agent_ids:
@@ -221,7 +257,7 @@ def _run(  # noqa: PLR0915 - one linear story, told in order
             public_key=public_key,
             fleet=topics.fleet,
         )
-    _wait_for_agents(coordinator, settings.agents, processes)
+    _wait_for_agents(coordinator, settings.agents, children)
     console.print(
         f"[green]✓[/] {settings.agents} agents online (separate processes, "
         "LiteRT, no TensorFlow needed)"
@@ -240,6 +276,7 @@ def _run(  # noqa: PLR0915 - one linear story, told in order
         daemon=True,
     )
     camera.start()
+    stops.check()
 
     def stop_camera() -> None:
         camera_stop.set()
@@ -255,15 +292,17 @@ def _run(  # noqa: PLR0915 - one linear story, told in order
         refresh_per_second=4,
     ):
         for phase, phase_rounds in phases:
+            stops.check()
             if phase == "freeze":
                 processes.signal(dropped, signal.SIGSTOP)
                 live.note(f"{dropped} cut off: frozen, its link silent, while still selected")
             coordinator.run_plan_now(_plan(settings, phase_rounds))
+            stops.check()
             if phase == "freeze":
                 processes.kill(dropped)
                 # Its last will must be seen first, or the old "online" could be taken for
                 # the new process's and the next round announced before it is back.
-                _wait_until_offline(coordinator, dropped)
+                _wait_until_offline(coordinator, dropped, stops)
                 _start_agent(
                     dropped,
                     workdir,
@@ -273,7 +312,7 @@ def _run(  # noqa: PLR0915 - one linear story, told in order
                     public_key=public_key,
                     fleet=topics.fleet,
                 )
-                _wait_for_agents(coordinator, settings.agents, processes)
+                _wait_for_agents(coordinator, settings.agents, children)
                 live.note(f"{dropped} restarted and back online: it joins the next rounds")
     console.print()
     drop_round = _drop_round(settings)
@@ -373,39 +412,46 @@ def _start_agent(
     )
 
 
-def _wait_for_port(port: int, processes: _Processes, name: str) -> None:
+def _wait_for_port(port: int, children: tuple[_Processes, StopSignals], name: str) -> None:
+    processes, stops = children
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
+        stops.check()
         if processes.children[name].poll() is not None:
             raise TransportError(f"the {name} exited at start; see its log")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
-            time.sleep(0.1)
+            stops.wait(0.1)
     raise TransportError(f"the {name} did not open port {port}")
 
 
-def _wait_until_offline(coordinator: Any, agent: str) -> None:
+def _wait_until_offline(coordinator: Any, agent: str, stops: StopSignals) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
+        stops.check()
         info = coordinator.fleet.agents().get(agent)
         if info is None or not info.online:
             return
-        time.sleep(0.1)
+        stops.wait(0.1)
     raise TransportError(f"the broker never reported {agent} offline")
 
 
-def _wait_for_agents(coordinator: Any, count: int, processes: _Processes) -> None:
+def _wait_for_agents(
+    coordinator: Any, count: int, children: tuple[_Processes, StopSignals]
+) -> None:
+    processes, stops = children
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
+        stops.check()
         able = [a for a in coordinator.fleet.agents().values() if a.online and a.can_train]
         if len(able) >= count:
             return
         dead = [n for n, p in processes.children.items() if p.poll() is not None]
         if dead:
             raise TransportError(f"{', '.join(dead)} exited at start; see fedge-demo/logs")
-        time.sleep(0.2)
+        stops.wait(0.2)
     raise TransportError(f"only some of {count} agents came online in {START_TIMEOUT_S:g} s")
 
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from fedge.interrupts import StopSignals
 from fedge.mqtt import BrokerAddress, MqttLink
 from protocol.errors import FedgeError, TransportError
 from protocol.messages.agent import CommandAck
@@ -113,12 +114,20 @@ def show_status(broker: BrokerAddress, topics: Topics, *, console: Console, watc
         if not watch:
             console.print(_table(latest[-1]))
             return
-        with Live(_table(latest[-1]), console=console, refresh_per_second=4) as live:
-            while True:
+        with (
+            StopSignals() as stops,
+            Live(_table(latest[-1]), console=console, refresh_per_second=4) as live,
+        ):
+            stops.on_stop(changed.set)
+            shown = None
+            while not stops.requested:
+                if not console.is_terminal and latest[-1] is not shown:
+                    # Piped to a file or a log: a table per change instead of a live view.
+                    shown = latest[-1]
+                    console.print(_table(shown))
                 changed.clear()
                 changed.wait(1.0)
                 live.update(_table(latest[-1]))
-    except KeyboardInterrupt:
-        return
+        stops.exit_if_interrupted()
     finally:
         link.stop()
