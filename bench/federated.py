@@ -2,7 +2,7 @@
 
     python bench/federated.py [--quick] [--agents 10 50] [--rounds 30] [--runs 1]
                               [--server-strategy fedyogi] [--server-etas 0.01 0.03]
-                              [--out bench/results/federated.json]
+                              [--out bench/results/federated.json] [--figure PNG]
 
 Every run is a fresh real Mosquitto on a free loopback port and a fresh federation: N
 ``fedge agent run`` processes (LiteRT trainer, TensorFlow blocked as on a Pi), each with its
@@ -16,7 +16,9 @@ agent (update chunks as received) and bytes down per agent (the weights blob of 
 the round trains from plus one chunk header per chunk; round 1 also carries the one-time
 download of the trainable model). Prints per-round tables, a summary next to Flower's
 numbers with ratios, and PASS/FAIL lines for REFERENCE.md's targets; writes everything as
-JSON. With ``--runs`` above 1, values are medians over the runs with their min-max spread.
+JSON and a per-round figure (accuracy, bytes, round time; needs matplotlib, the ``plot``
+extra) next to it. With ``--runs`` above 1, values are medians over the runs with their
+min-max spread.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
 from coordinator.daemon import Coordinator  # noqa: E402
+from coordinator.figures import Reference, RoundSeries, rounds_figure, save_png  # noqa: E402
 from coordinator.rounds import RoundOutcome, RoundPlan  # noqa: E402
 from protocol.chunks import CHUNK_HEADER_BYTES  # noqa: E402
 from protocol.messages.rounds import (  # noqa: E402
@@ -543,6 +546,36 @@ def evaluate_targets(results: dict[str, dict[str, Any]], rounds: int) -> list[Ch
 # --- main --------------------------------------------------------------------------------
 
 
+def _median(spread: dict[str, float] | None) -> float | None:
+    return None if spread is None else spread["median"]
+
+
+def _figure(results: dict[str, dict[str, Any]], path: Path, rounds: int, runs: int) -> Path:
+    """Accuracy, bytes per agent and round time per round, with Flower's published numbers."""
+    series = []
+    for name, result in results.items():
+        table = result["per_round"]
+        series.append(
+            RoundSeries(
+                label=f"fedge {name}",
+                rounds=[entry["round"] for entry in table],
+                accuracy=[_median(entry["accuracy"]) for entry in table],
+                seconds=[_median(entry["seconds"]) for entry in table],
+                bytes_up=[_median(entry["bytes_up_per_agent"]) for entry in table],
+                bytes_down=[_median(entry["bytes_down_per_agent"]) for entry in table],
+            )
+        )
+    measured = {result["spec"]["agents"] for result in results.values()}
+    references = [
+        Reference(ref.name, ref.accuracy, ref.median_round_s)
+        for ref in FLOWER_REFERENCES
+        if ref.agents is None or ref.agents in measured
+    ]
+    over = f", median of {runs} runs" if runs > 1 else ""
+    title = f"reference federated workload, {rounds} rounds{over}"
+    return save_png(rounds_figure(series, title=title, references=references), path)
+
+
 def _specs(agents: Sequence[int], strategy: str, etas: Sequence[float]) -> list[Spec]:
     specs = [
         Spec(n, encoding)
@@ -567,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help=f"N={QUICK_AGENTS}, {QUICK_ROUNDS} rounds"
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    parser.add_argument(
+        "--figure", type=Path, help="per-round figure (PNG); default: --out with .png"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.quick:
@@ -597,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": elapsed,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    figure = _figure(results, args.figure or args.out.with_suffix(".png"), args.rounds, args.runs)
+    print(f"wrote {args.out} and {figure}")
     return 0
 
 

@@ -9,7 +9,6 @@ go on. It ends with a summary table, a plot of accuracy per round (PNG) and a JS
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -590,51 +589,16 @@ def _summary(report: dict[str, Any]) -> Table:
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
-    """Accuracy per round as a PNG, drawn with OpenCV (no plotting library needed)."""
-    import cv2
+    """Accuracy per round as a PNG (matplotlib), the initial model as round 0."""
+    from coordinator.figures import accuracy_figure, save_png
 
-    width, height, margin = 640, 400, 50
-    canvas = np.full((height, width, 3), 255, np.uint8)
-    points = [(0, report["initial_accuracy"] or 0.0)] + [
-        (e["round"], e["accuracy"]) for e in report["rounds"] if e["accuracy"] is not None
-    ]
-    last_round = max(1, *(r for r, _ in points))
-
-    def xy(round_number: float, accuracy: float) -> tuple[int, int]:
-        x = margin + (width - 2 * margin) * round_number / last_round
-        y = height - margin - (height - 2 * margin) * accuracy
-        return int(x), int(y)
-
-    black, grey, blue = (0, 0, 0), (200, 200, 200), (200, 90, 20)
-    for tick in range(0, 11, 2):
-        y = xy(0, tick / 10)[1]
-        cv2.line(canvas, (margin, y), (width - margin, y), grey, 1)
-        cv2.putText(canvas, f"{tick / 10:.1f}", (8, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, black)
-    for round_number in range(last_round + 1):
-        x = xy(round_number, 0)[0]
-        cv2.putText(
-            canvas,
-            str(round_number),
-            (x - 4, height - margin + 18),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            0.4,
-            black,
-        )
-    cv2.line(canvas, (margin, height - margin), (width - margin, height - margin), black, 1)
-    cv2.line(canvas, (margin, margin), (margin, height - margin), black, 1)
-    pixels = [xy(r, a) for r, a in points]
-    for start, end in itertools.pairwise(pixels):
-        cv2.line(canvas, start, end, blue, 2, cv2.LINE_AA)
-    for pixel in pixels:
-        cv2.circle(canvas, pixel, 4, blue, -1, cv2.LINE_AA)
-    cv2.putText(
-        canvas,
-        "fedge demo: global model accuracy per round",
-        (margin, 30),
-        cv2.FONT_HERSHEY_SIMPLEX,
-        0.6,
-        black,
-        1,
-        cv2.LINE_AA,
+    rounds = [0, *(e["round"] for e in report["rounds"])]
+    accuracy = [report["initial_accuracy"], *(e["accuracy"] for e in report["rounds"])]
+    cut = report["dropped_in_round"]
+    figure = accuracy_figure(
+        rounds,
+        accuracy,
+        title="fedge demo: global model accuracy per round",
+        marks={cut: f"{report['dropped_agent']} cut off"} if cut else None,
     )
-    cv2.imwrite(str(path), canvas)
+    save_png(figure, path)
