@@ -299,16 +299,18 @@ def write_password_file(path: Path, passwords: dict[str, str]) -> None:
 
 def credentials_toml(clients: Iterable[ClientAcl], passwords: dict[str, str]) -> str:
     """One ``[clients."<user>"]`` table per user: role, username and password."""
-    lines = ["# Broker credentials: keep this file secret (mode 600)."]
-    for client in clients:
-        lines += [
-            "",
-            f'[clients."{client.username}"]',
-            f'role = "{client.role}"',
-            f'username = "{client.username}"',
-            f'password = "{passwords[client.username]}"',
-        ]
-    return "\n".join(lines) + "\n"
+    import tomli_w
+
+    tables = {
+        client.username: {
+            "role": str(client.role),
+            "username": client.username,
+            "password": passwords[client.username],
+        }
+        for client in clients
+    }
+    warning = "# Broker credentials: keep this file secret (mode 600).\n\n"
+    return warning + tomli_w.dumps({"clients": tables})
 
 
 def read_agents_file(path: Path) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from coordinator.tflite_export import ReferenceModels
 from protocol.messages.codec import decode_message
 from protocol.topics import Topics
 from tests.brokers import MessageCollector, Received
+from tests.system.federation import agent_toml
 
 CONNECT_TIMEOUT_S = 15.0
 RESULT_TIMEOUT_S = 60.0
@@ -79,11 +79,7 @@ def to_png(image: np.ndarray) -> bytes:
 
 
 def write_agent_toml(path: Path, settings: dict[str, Any]) -> None:
-    lines = [
-        f"{key} = {json.dumps(str(value) if isinstance(value, Path) else value)}"
-        for key, value in settings.items()
-    ]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(agent_toml(settings))
 
 
 def wait_for_reason(collector: MessageCollector, topic: str, reason: str) -> list[Any]:

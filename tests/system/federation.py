@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from agent.store import SampleStore
 from coordinator.config import load_coordinator_config
 from coordinator.daemon import Coordinator
@@ -176,15 +178,10 @@ class Federation:
 
 
 def agent_toml(settings: dict[str, Any]) -> str:
-    lines = []
-    for key, value in settings.items():
-        if isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, int | float):
-            lines.append(f"{key} = {value}")
-        else:
-            lines.append(f'{key} = "{value}"')
-    return "\n".join(lines) + "\n"
+    """A config file's text; None is left out (TOML has no null) and paths become strings."""
+    return tomli_w.dumps(
+        {k: str(v) if isinstance(v, Path) else v for k, v in settings.items() if v is not None}
+    )
 
 
 @contextmanager
