@@ -93,6 +93,9 @@ def perceptual_hash(image_bgr: np.ndarray) -> int:
     Grey, shrink to 32x32, DCT, then one bit per coefficient of the 8x8 lowest
     frequencies after the DC row and column (which carry overall brightness, not
     structure): set when the coefficient is above their median.
+
+    Written here on OpenCV's DCT: ``cv2.img_hash`` exists only in opencv-contrib, and
+    the imagehash package pulls Pillow, SciPy and PyWavelets onto every agent.
     """
     return _hash_gray(_gray(image_bgr))
 

@@ -137,7 +137,14 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
 
 
 def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the header of a PNG, JPEG, BMP or WebP; None if unknown."""
+    """(width, height) from the header of a PNG, JPEG, BMP or WebP; None if unknown.
+
+    Not Pillow's lazy ``Image.open(...).size``: it checks chunk CRCs and calls a PNG whose
+    IHDR claims 60000x60000 unidentifiable, so a forged size would be reported as
+    undecodable rather than too large, and agents would carry a second image library for
+    four header fields. OpenCV's own cap (OPENCV_IO_MAX_IMAGE_PIXELS) is process-wide and
+    read once, not the per-model limit this check enforces.
+    """
     if data.startswith(_PNG_SIGNATURE) and len(data) >= 24 and data[12:16] == b"IHDR":
         width, height = struct.unpack(">II", data[16:24])
         return int(width), int(height)

@@ -526,6 +526,9 @@ def round_status(
 
 
 def _seconds(text: str) -> float:
+    # "30s", "2m", "500ms": pydantic and isodate read ISO 8601 ("PT30S"), which nobody types;
+    # pytimeparse would read "1h30m" too, but as a dependency of every install (agents
+    # included) for one option of one command, where these ten lines give a precise error.
     units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
     for unit in sorted(units, key=len, reverse=True):
         if text.endswith(unit):

@@ -108,7 +108,13 @@ def parse_broker_url(
 
 
 def backoff_delay_s(attempt: int, *, rng: random.Random) -> float:
-    """Exponential backoff with full jitter: uniform in [min, min(max, min * 2**attempt)]."""
+    """Exponential backoff with full jitter: uniform in [min, min(max, min * 2**attempt)].
+
+    Not paho's ``reconnect_delay_set``: whole seconds and no jitter, so a fleet that lost
+    its broker reconnects in lockstep. Not tenacity or backoff: this loop also drives
+    paho's network loop and must stop at once on shutdown; the delay is the only part
+    they would take over.
+    """
     ceiling = min(RECONNECT_MAX_S, RECONNECT_MIN_S * (2 ** min(attempt, 20)))
     return rng.uniform(RECONNECT_MIN_S, max(RECONNECT_MIN_S, ceiling))
 
