@@ -367,19 +367,13 @@ class Agent:
         return {"model_version": serving.version, "previous": previous}
 
     def _on_set_options(self, command: SetOptions) -> CommandDetail:
-        changes: dict[str, int | float] = {}
-        if command.top_k is not None:
-            changes["top_k"] = command.top_k
-        if command.threshold is not None:
-            changes["threshold"] = command.threshold
-        self.options = replace(self.options, **changes)  # type: ignore[arg-type]
+        fields = ("top_k", "threshold", "detection_threshold", "max_objects", "iou_threshold")
+        changes = {f: getattr(command, f) for f in fields if getattr(command, f) is not None}
+        self.options = replace(self.options, **changes)
         if command.max_fps is not None:
             self.intake.set_max_fps(command.max_fps)
-        return {
-            "top_k": self.options.top_k,
-            "threshold": self.options.threshold,
-            "max_fps": self.intake.max_fps,
-        }
+        detail: CommandDetail = {f: getattr(self.options, f) for f in fields}
+        return detail | {"max_fps": self.intake.max_fps}
 
     def _on_label(self, command: LabelFrame) -> CommandDetail:
         with self._recent_lock:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from agent.detection import POSTPROCESS_OP, Detector, resolve_detector
 from agent.postprocess import is_classifier
 from agent.runtime import TfliteModel, load_labels
 from protocol.errors import ModelError
@@ -28,6 +29,7 @@ class ServingModel:
     version: str
     labels: tuple[str, ...] | None
     classifier: bool
+    detector: Detector | None = None
 
 
 def default_spec_for(model: TfliteModel) -> PreprocessSpec:
@@ -67,12 +69,25 @@ def load_serving_model(
             f"{tuple(model.input_details.shape[1:])}",
             reason="spec_mismatch",
         )
-    classifier = is_classifier(model.output_details)
+    shapes = [info.shape for info in model.output_details]
+    detector = resolve_detector(
+        shapes,
+        spec.detection,
+        input_size=(spec.width, spec.height),
+        labels=labels,
+        op_positions=model.op_output_positions(POSTPROCESS_OP),
+    )
+    classifier = detector is None and is_classifier(model.output_details)
     if classifier and labels is not None and len(labels) != model.output_details[0].shape[-1]:
         raise ModelError(
             f"{len(labels)} labels for {model.output_details[0].shape[-1]} classes",
             reason="bad_labels",
         )
     return ServingModel(
-        model=model, spec=spec, version=version, labels=labels, classifier=classifier
+        model=model,
+        spec=spec,
+        version=version,
+        labels=labels,
+        classifier=classifier,
+        detector=detector,
     )

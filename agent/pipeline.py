@@ -12,13 +12,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.cleaning import FrameCleaner
+from agent.detection import Detector
 from agent.intake import PendingFrame
 from agent.model import ServingModel
 from agent.postprocess import classify, summarize_output
-from agent.preprocess import decode_image, prepare_input
+from agent.preprocess import decode_image, input_geometry, prepare_input
 from protocol.errors import PreprocessError
 from protocol.frames import DEFAULT_MAX_FRAME_BYTES, FrameMeta, decode_frame
-from protocol.messages.agent import InferenceResult, OutputTensor, Prediction, Timings
+from protocol.messages.agent import (
+    DetectedObject,
+    InferenceResult,
+    OutputTensor,
+    Prediction,
+    Timings,
+)
 
 __all__ = ["FrameOutcome", "FrameProcessor", "InferenceOptions"]
 
@@ -29,6 +36,10 @@ _MS_PER_S = 1000.0
 class InferenceOptions:
     top_k: int = 3
     threshold: float = 0.0
+    # Detectors: None leaves the model's detection spec in charge.
+    detection_threshold: float | None = None
+    max_objects: int | None = None
+    iou_threshold: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +84,16 @@ class FrameProcessor:
         prepared = time.perf_counter()
         outputs = serving.model.predict(tensor)
         invoked = time.perf_counter()
-        predictions, raw = self._postprocess(outputs, serving, options)
+        detector = serving.detector
+        if detector is not None:
+            objects: tuple[DetectedObject, ...] | None = self._detect(
+                detector, outputs, pixels, serving, options
+            )
+            predictions: tuple[Prediction, ...] = ()
+            raw: tuple[OutputTensor, ...] = ()
+        else:
+            objects = None
+            predictions, raw = self._postprocess(outputs, serving, options)
         finished = time.perf_counter()
         since_capture_ms = None
         if unwrapped.meta.timestamp is not None:
@@ -93,9 +113,30 @@ class FrameProcessor:
             ),
             predictions=predictions,
             outputs=raw,
+            objects=objects,
         )
         meta = unwrapped.meta.model_copy(update={"frame_id": frame_id})
         return FrameOutcome(result=result, meta=meta, image=unwrapped.image, pixels=pixels)
+
+    @staticmethod
+    def _detect(
+        detector: Detector,
+        outputs: list[np.ndarray],
+        pixels: np.ndarray,
+        serving: ServingModel,
+        options: InferenceOptions,
+    ) -> tuple[DetectedObject, ...]:
+        height, width = pixels.shape[:2]
+        limits = detector.limits(
+            options.detection_threshold, options.max_objects, options.iou_threshold
+        )
+        found = detector.decode(
+            outputs, input_geometry(width, height, serving.spec), serving.labels, limits
+        )
+        return tuple(
+            DetectedObject(index=d.index, label=d.label[:1024], score=d.score, box=d.box)
+            for d in found
+        )
 
     @staticmethod
     def _postprocess(

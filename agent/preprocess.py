@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -33,7 +34,14 @@ import numpy.typing as npt
 from protocol.errors import PreprocessError
 from protocol.preprocess import ColorOrder, Normalization, PreprocessSpec, ResizeMode
 
-__all__ = ["MAX_DECODE_PIXELS", "decode_image", "prepare_input", "quantize"]
+__all__ = [
+    "MAX_DECODE_PIXELS",
+    "InputGeometry",
+    "decode_image",
+    "input_geometry",
+    "prepare_input",
+    "quantize",
+]
 
 # 8K UHD; a camera frame is far smaller, and the BGR copy of this is already ~100 MB.
 MAX_DECODE_PIXELS = 7680 * 4320
@@ -100,6 +108,47 @@ def prepare_input(image_bgr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if spec.color is not ColorOrder.GRAY:
         image = _to_color(image, rgb=spec.color is ColorOrder.RGB)
     return _normalize(image, spec)
+
+
+@dataclass(frozen=True, slots=True)
+class InputGeometry:
+    """Where a frame lands in the model input: ``input = frame * scale + offset`` per axis.
+
+    Coordinates are continuous (0 is the left edge of the first pixel, ``width`` the right
+    edge of the last), which is how ``cv2.resize`` maps one image onto another.
+    """
+
+    frame_width: int
+    frame_height: int
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+
+    def to_frame(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Model-input coordinates back to the frame's, clipped to the frame."""
+        frame_x = np.clip((x - self.offset_x) / self.scale_x, 0.0, self.frame_width)
+        frame_y = np.clip((y - self.offset_y) / self.scale_y, 0.0, self.frame_height)
+        return frame_x, frame_y
+
+
+def input_geometry(frame_width: int, frame_height: int, spec: PreprocessSpec) -> InputGeometry:
+    """How :func:`prepare_input` places a ``frame_width`` x ``frame_height`` frame."""
+    if spec.resize is ResizeMode.LETTERBOX:
+        inner_width, inner_height, left, top = _letterbox_layout(
+            frame_width, frame_height, spec.width, spec.height
+        )
+        return InputGeometry(
+            frame_width,
+            frame_height,
+            inner_width / frame_width,
+            inner_height / frame_height,
+            float(left),
+            float(top),
+        )
+    return InputGeometry(
+        frame_width, frame_height, spec.width / frame_width, spec.height / frame_height, 0.0, 0.0
+    )
 
 
 def quantize(x: np.ndarray, *, scale: float, zero_point: int, dtype: npt.DTypeLike) -> np.ndarray:
@@ -278,15 +327,21 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
-def _letterbox(image: np.ndarray, width: int, height: int, pad_value: int) -> np.ndarray:
-    src_height, src_width = image.shape[:2]
+def _letterbox_layout(
+    src_width: int, src_height: int, width: int, height: int
+) -> tuple[int, int, int, int]:
+    """(inner width, inner height, left, top) of the resized image inside the canvas."""
     ratio = min(width / src_width, height / src_height)
     inner_width = min(width, max(1, round(src_width * ratio)))
     inner_height = min(height, max(1, round(src_height * ratio)))
+    return inner_width, inner_height, (width - inner_width) // 2, (height - inner_height) // 2
+
+
+def _letterbox(image: np.ndarray, width: int, height: int, pad_value: int) -> np.ndarray:
+    src_height, src_width = image.shape[:2]
+    inner_width, inner_height, left, top = _letterbox_layout(src_width, src_height, width, height)
     inner = _resize(image, inner_width, inner_height)
     canvas = np.full((height, width, *image.shape[2:]), pad_value, dtype=np.uint8)
-    top = (height - inner_height) // 2
-    left = (width - inner_width) // 2
     canvas[top : top + inner_height, left : left + inner_width] = inner
     return canvas
 

@@ -254,6 +254,28 @@ class TfliteModel:
     def size_bytes(self) -> int:
         return len(self._content)
 
+    def op_output_positions(self, op_name: str) -> tuple[int, ...] | None:
+        """Where the outputs of the model's ``op_name`` op sit in :meth:`predict`'s order.
+
+        None when no such op produces model outputs, or the interpreter cannot list its ops
+        (the listing is a private interpreter API, so it is only ever a hint).
+        """
+        list_ops = getattr(self._interpreter, "_get_ops_details", None)
+        if list_ops is None:
+            return None
+        with self._lock:
+            try:
+                ops = list_ops()
+            except (ValueError, RuntimeError):
+                return None
+        for op in ops:
+            if op.get("op_name") != op_name:
+                continue
+            produced = [int(i) for i in op.get("outputs", ())]
+            if all(i in self._output_indices for i in produced):
+                return tuple(self._output_indices.index(i) for i in produced)
+        return None
+
     def predict(self, batch: npt.ArrayLike) -> list[npt.NDArray[np.float32]]:
         """Run the model on preprocessed float input, with or without the batch dimension.
 

@@ -22,7 +22,7 @@ from protocol.topics import Topics
 from tests.brokers import AmqttProcess, MosquittoProcess
 from tests.system_packages import ensure_program
 
-pytest_plugins = ["tests.fixtures_models"]
+pytest_plugins = ["tests.fixtures_models", "tests.agent.detectors"]
 
 ALLOW_LOGGED_ERRORS = "allow_logged_errors"
 _ROOT_PREFIX = "t-"

@@ -14,6 +14,7 @@ __all__ = [
     "AgentStatus",
     "Capabilities",
     "CommandAck",
+    "DetectedObject",
     "ErrorEvent",
     "FrameCounters",
     "InferenceResult",
@@ -70,6 +71,19 @@ class Prediction(Message):
     score: float
 
 
+Pixel = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+
+class DetectedObject(Message):
+    """One object a detector found, its box in pixels of the frame as it was sent."""
+
+    kind: Literal["detected_object"] = "detected_object"
+    index: Count  # class index as the model numbers it
+    label: ShortText
+    score: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+    box: tuple[Pixel, Pixel, Pixel, Pixel]  # x_min, y_min, x_max, y_max (as Frigate's)
+
+
 class OutputTensor(Message):
     """A raw model output in compact form: every value if small, else a summary."""
 
@@ -109,6 +123,8 @@ class InferenceResult(Message):
     timings: Timings
     predictions: tuple[Prediction, ...] = ()
     outputs: tuple[OutputTensor, ...] = ()
+    # Only for detectors (absent otherwise, so classifier results read as before).
+    objects: tuple[DetectedObject, ...] | None = None
 
 
 class CommandAck(Message):

@@ -55,6 +55,10 @@ class SetOptions(Message):
     max_fps: Annotated[float, Field(gt=0.0, le=1000.0)] | None = None
     top_k: Annotated[int, Field(ge=1, le=100)] | None = None
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    # Detectors: override the model's detection spec on this agent.
+    detection_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    max_objects: Annotated[int, Field(ge=1, le=1000)] | None = None
+    iou_threshold: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
 
 
 class LabelFrame(Message):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +16,7 @@ from agent.config import load_agent_config
 from agent.daemon import Agent
 from coordinator.reference import digit_images_uint8, digit_png, load_digits_split
 from coordinator.tflite_export import ReferenceModels
+from protocol.messages.agent import AgentStatus
 from protocol.messages.codec import decode_message
 from protocol.topics import Topics
 from tests.brokers import MessageCollector, Received
@@ -90,3 +93,30 @@ def wait_for_reason(collector: MessageCollector, topic: str, reason: str) -> lis
 
     collector.wait_for(arrived, RESULT_TIMEOUT_S)
     return events_with_reason(collector, topic, reason)
+
+
+@contextmanager
+def agent_run_process(config: Path, collector: MessageCollector, topics: Topics) -> Iterator[None]:
+    """``fedge agent run --config config`` for the block, which starts once pi-1 is online.
+
+    ``collector`` must already watch the agent's status topic. At the end the agent gets
+    SIGTERM and must exit with status 0 and no traceback.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedge", "agent", "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def online(_messages: list[Received]) -> bool:
+            statuses = decoded(collector.on_topic(topics.agent_status("pi-1")))
+            return any(isinstance(s, AgentStatus) and s.state == "online" for s in statuses)
+
+        collector.wait_for(online, RESULT_TIMEOUT_S)
+        yield
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output.decode(errors="replace")
+    assert b"Traceback" not in output

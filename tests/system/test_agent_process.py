@@ -16,6 +16,7 @@ from protocol.messages.codec import decode_message
 from protocol.topics import Topics
 from tests.agent.agent_helpers import (
     RESULT_TIMEOUT_S,
+    agent_run_process,
     agent_settings,
     decoded,
     held_out_digits,
@@ -47,29 +48,11 @@ def agent_process(
     subscribe(watcher, f"{topics.root}/#")
     config = tmp_path / "agent.toml"
     write_agent_toml(config, agent_settings(mosquitto, topics, tmp_path / "data", reference_models))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fedge", "agent", "run", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
     try:
-
-        def online(_messages: list[Received]) -> bool:
-            statuses = [
-                m
-                for m in decoded(collector.on_topic(topics.agent_status("pi-1")))
-                if isinstance(m, AgentStatus)
-            ]
-            return any(s.state == "online" for s in statuses)
-
-        collector.wait_for(online, RESULT_TIMEOUT_S)
-        yield collector
+        with agent_run_process(config, collector, topics):
+            yield collector
     finally:
-        process.terminate()
-        output, _ = process.communicate(timeout=30)
         disconnect(watcher)
-    assert process.returncode == 0, output.decode(errors="replace")
-    assert b"Traceback" not in output
 
 
 def test_fedge_camera_folder_gives_correct_results(
