@@ -236,7 +236,10 @@ def _probabilities(values: np.ndarray, what: str) -> Floats:
     scores = np.asarray(values, dtype=np.float64)
     _require_finite(scores, what)
     if scores.size and (scores.min() < -_SCORE_SLACK or scores.max() > 1.0 + _SCORE_SLACK):
-        raise _bad(f"{what} lie outside 0..1 (expected probabilities, not logits)")
+        raise _bad(
+            f"{what} lie outside 0..1 (expected probabilities, not logits; if the model is "
+            "no detector, set its preprocess spec's detection format to none)"
+        )
     clipped: Floats = np.clip(scores, 0.0, 1.0)
     return clipped
 
