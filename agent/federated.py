@@ -224,10 +224,13 @@ class FederatedClient:
         trainer.set_weights(weights)
         config = announcement.config
         x, y = self.dataset(release, augment_seed=config.seed if config.augment else None)
-        if len(x) == 0:
+        others = self.other_labels(release)
+        if len(x) < config.min_samples:
+            held = f"; samples of other labels, not used: {others}" if others else ""
             raise FedgeError(
-                f"round {number}: no samples with the model's labels to train on",
-                reason="no_samples",
+                f"round {number}: sitting out, {len(x)} samples of the task's labels "
+                f"(the round needs {config.min_samples}){held}",
+                reason="no_samples" if len(x) == 0 else "too_few_samples",
             )
         report = trainer.train(
             x,
@@ -270,6 +273,7 @@ class FederatedClient:
             "examples": report.num_examples,
             "loss": report.loss,
             "seconds": time.perf_counter() - started,
+            "other_labels": sum(others.values()),
         }
         logger.info(
             "round %d: trained on %d samples, update of %d bytes sent",
@@ -346,6 +350,15 @@ class FederatedClient:
         if not inputs:
             return np.zeros((0,), np.float32), np.zeros((0,), np.int32)
         return np.stack(inputs).astype(np.float32), np.asarray(targets, np.int32)
+
+    def other_labels(self, release: ModelRelease) -> dict[str, int]:
+        """Samples held whose labels the task does not name: counted, never trained on."""
+        wanted = set(release.labels)
+        counts: dict[str, int] = {}
+        for sample in self._store.samples():
+            if sample.label not in wanted:
+                counts[sample.label] = counts.get(sample.label, 0) + 1
+        return dict(sorted(counts.items()))
 
     # blobs
     def fetch(self, ref: BlobRef, timeout_s: float = BLOB_TIMEOUT_S) -> bytes:

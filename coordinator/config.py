@@ -21,6 +21,8 @@ class CoordinatorConfig(FedgeSettings):
     signing_key: Path | None = None  # default: <data_dir>/keys/fedge.key, made on first run
     # the model
     model_name: Literal["digits_cnn", "digits_mlp"] = "digits_cnn"
+    # A task file (see protocol.tasks); when given it replaces model_name.
+    task: Path | None = None
     train_batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
     with_inference_files: bool = False
     max_chunk_bytes: Annotated[int, Field(ge=CHUNK_HEADER_BYTES + 1)] = DEFAULT_MAX_CHUNK_BYTES

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
@@ -16,11 +17,11 @@ from coordinator.dp import DP_OPTION_PREFIX, DpOptions, check_strategy
 from coordinator.metrics import RoundMeter
 from coordinator.mqtt_fleet import MqttFleet
 from coordinator.private_rounds import REFUSED_REASON
-from coordinator.production import KerasModelProducer
-from coordinator.reference import DIGITS_LABELS, digits_preprocess_spec, load_digits_split
 from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
 from coordinator.state import CoordinatorState
 from coordinator.strategies import make_strategy
+from coordinator.task_producers import make_producer
+from coordinator.tasks import builtin_task, load_task
 from fedge.metrics import MetricsServer, new_registry
 from fedge.mqtt import MqttLink, Will
 from protocol.errors import FedgeError, MessageError
@@ -47,12 +48,19 @@ _CONFIG_OPTIONS = {
     "update_encoding": str,
     "augment": bool,
     "seed": int,
+    "min_samples": int,
 }
 
 
-def plan_from_command(command: StartRounds) -> RoundPlan:
-    """Turn a start_rounds command into a plan; options split into round config and strategy."""
-    config_fields: dict[str, Any] = {}
+def plan_from_command(
+    command: StartRounds, *, defaults: Mapping[str, Any] | None = None
+) -> RoundPlan:
+    """Turn a start_rounds command into a plan; options split into round config and strategy.
+
+    ``defaults`` (the task's training defaults) fill the round config where the command is
+    silent.
+    """
+    config_fields: dict[str, Any] = dict(defaults or {})
     strategy_options: dict[str, Any] = {}
     max_update_norm = None
     for key, value in command.options.items():
@@ -111,18 +119,8 @@ class Coordinator:
             max_chunk_bytes=config.max_chunk_bytes,
             on_command=self._on_command,
         )
-        split = load_digits_split()
-        self.producer = KerasModelProducer(
-            model_name=config.model_name,
-            state=self.state,
-            eval_x=split.x_test,
-            eval_y=split.y_test,
-            labels=DIGITS_LABELS,
-            preprocess=digits_preprocess_spec(),
-            train_batch_size=config.train_batch_size,
-            max_chunk_bytes=config.max_chunk_bytes,
-            with_inference_files=config.with_inference_files,
-        )
+        self.task = load_task(config.task) if config.task else builtin_task(config.model_name)
+        self.producer = make_producer(self.task, config=config, state=self.state)
         self.metrics = new_registry()
         self._meter = RoundMeter(self.metrics, current_round=self.state.last_round_number())
         self.metrics_server = None
@@ -229,7 +227,7 @@ class Coordinator:
                     "the coordinator is still starting; try again in a few seconds",
                     reason="starting",
                 )
-            plan = plan_from_command(command)
+            plan = plan_from_command(command, defaults=self._round_defaults())
             if self.busy:
                 raise FedgeError("rounds are already running; stop them first", reason="busy")
             self._start_plan(plan)
@@ -247,6 +245,17 @@ class Coordinator:
             "round": self.state.last_round_number(),
             "busy": self.busy,
             "pong": isinstance(command, Ping),
+        }
+
+    def _round_defaults(self) -> dict[str, Any]:
+        if self.config.task is None:
+            return {}  # the built-in models keep the round config's own defaults
+        training = self.task.spec.training
+        return {
+            "epochs": training.epochs,
+            "learning_rate": training.learning_rate,
+            "validation_fraction": training.validation_fraction,
+            "min_samples": training.min_samples,
         }
 
     def _ack(

@@ -304,6 +304,12 @@ def coordinator() -> None:
     default=None,
     help="Model to train (default: digits_cnn).",
 )
+@click.option(
+    "--task",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A task file (TOML: labels, recipe, preprocessing, training); replaces --model.",
+)
 def coordinator_run(config_path: Path | None, **overrides: object) -> None:
     """Run the coordinator until Ctrl-C or SIGTERM; rounds start with `fedge round start`.
 
@@ -314,6 +320,7 @@ def coordinator_run(config_path: Path | None, **overrides: object) -> None:
     Examples:
       fedge coordinator run --broker mqtt://hub.local:1883
       fedge coordinator run --config /etc/fedge/coordinator.toml
+      fedge coordinator run --task door.toml
     """
     from coordinator.config import load_coordinator_config
     from coordinator.daemon import Coordinator

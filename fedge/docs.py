@@ -106,6 +106,70 @@ def _config_table(settings_type: type[BaseSettings]) -> str:
     return "\n".join(lines)
 
 
+_PREPROCESS_MEANINGS = {
+    "height": "model input height, pixels",
+    "width": "model input width, pixels",
+    "color": "channel order the model takes",
+    "resize": "stretch, or letterbox (keeps the aspect ratio)",
+    "pad_value": "letterbox border value, 0..255",
+    "invert": "invert light and dark first",
+    "normalization": "none, scale (x * scale + offset), zscore or minmax",
+    "scale": "for scale",
+    "offset": "for scale",
+    "mean": "per channel, for zscore",
+    "std": "per channel, for zscore",
+    "dtype": "the model's input type (a transfer backbone: leave float32)",
+}
+
+
+def _type_name(annotation: object) -> str:
+    import enum
+    import typing
+
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return " or ".join(f"`{a}`" for a in args)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return " or ".join(f"`{m.value}`" for m in annotation)
+    if typing.get_origin(annotation) is tuple:
+        return "list"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def task_reference() -> str:
+    """Every key of a task file, by TOML table, from :class:`protocol.tasks.TaskSpec`."""
+    from pydantic import BaseModel
+
+    from protocol.tasks import BuiltinRecipe, TaskSpec, TransferRecipe
+
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def rows(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> None:
+        for name, field in model.model_fields.items():
+            if name in ("schema_version", *skip) or (name == "kind" and prefix == ""):
+                continue
+            kind = _type_name(field.annotation)
+            if field.is_required():
+                default = "required"
+            elif field.default in ((), None):
+                default = "unset"
+            else:
+                value = getattr(field.default, "value", field.default)
+                default = f"`{value}`" if not isinstance(value, BaseModel) else "see below"
+            meaning = (field.description or _PREPROCESS_MEANINGS.get(name, "")).replace("|", "\\|")
+            lines.append(f"| `{prefix}{name}` | {kind} | {default} | {meaning} |")
+
+    rows(TaskSpec, "", skip=("recipe", "preprocess", "training"))
+    rows(BuiltinRecipe, "recipe.")
+    rows(TransferRecipe, "recipe.", skip=())
+    from protocol.preprocess import PreprocessSpec
+    from protocol.tasks import TrainingDefaults
+
+    rows(PreprocessSpec, "preprocess.", skip=("kind",))
+    rows(TrainingDefaults, "training.", skip=("kind",))
+    return "\n".join(lines)
+
+
 def cli_reference() -> str:
     """Every ``fedge`` command with its summary and options, walked from the click tree."""
     import click
@@ -146,6 +210,7 @@ SECTIONS = {
     "agent-config": agent_config_table,
     "coordinator-config": coordinator_config_table,
     "cli": cli_reference,
+    "task": task_reference,
 }
 
 

@@ -105,6 +105,8 @@ class RoundConfig(Message):
     seed: Count = 0
     # DP-FedAvg: every agent clips its update (the change to the weights) to this L2 norm.
     clip_norm: Annotated[float, Field(gt=0.0, le=1e6)] | None = None
+    # Fewer samples of the task's labels than this: the agent sits the round out.
+    min_samples: Annotated[int, Field(ge=1, le=10**6)] = 1
 
 
 class RoundAnnouncement(Message):
