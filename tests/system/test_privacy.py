@@ -15,7 +15,14 @@ from protocol.messages.rounds import CoordinatorStatus, ModelRelease
 from protocol.signing import SignedMessage
 from protocol.topics import Topics
 from protocol.updates import decode_update, delta_norm
-from tests.brokers import MessageCollector, MosquittoProcess, disconnect, mqtt_client, subscribe
+from tests.brokers import (
+    MessageCollector,
+    MosquittoProcess,
+    Received,
+    disconnect,
+    mqtt_client,
+    subscribe,
+)
 from tests.system.federation import federation
 
 pytestmark = [pytest.mark.broker, pytest.mark.system]
@@ -61,10 +68,23 @@ def test_dp_rounds_clip_on_the_agents_and_report_epsilon_everywhere(
         try:
             subscribe(client, topics.coordinator_status())
             subscribe(client, topics.model_manifest("r2"))
-            collector.wait_for(lambda msgs: len(msgs) >= 2, 30.0)
+
+            def idle_status_and_release(messages: list[Received]) -> bool:
+                # The retained status may still be round 2's when we subscribe: the idle
+                # one published after the plan ended can be in flight; wait for it.
+                statuses = [
+                    decode_message(m.payload, CoordinatorStatus)
+                    for m in messages
+                    if m.topic == topics.coordinator_status()
+                ]
+                releases = [m for m in messages if m.topic != topics.coordinator_status()]
+                return bool(releases) and bool(statuses) and statuses[-1].state == "idle"
+
+            collector.wait_for(idle_status_and_release, 30.0)
         finally:
             disconnect(client)
-        for message in collector.messages:
+        statuses = [m for m in collector.messages if m.topic == topics.coordinator_status()]
+        for message in [statuses[-1], *collector.on_topic(topics.model_manifest("r2"))]:
             if message.topic == topics.coordinator_status():
                 status = decode_message(message.payload, CoordinatorStatus)
                 assert status.epsilon is not None
