@@ -11,10 +11,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from fedge.settings import FedgeSettings, load_settings
 from protocol.errors import TopicError
 from protocol.frames import DEFAULT_MAX_FRAME_BYTES
 from protocol.topics import validate_filter, validate_id
+from runtime.settings import FedgeSettings, load_settings
 
 __all__ = ["AgentConfig", "load_agent_config"]
 

@@ -29,9 +29,6 @@ from agent.pipeline import FrameProcessor, InferenceOptions
 from agent.privacy import LocalDp
 from agent.store import SampleStore
 from agent.training import available_trainers
-from fedge import __version__
-from fedge.metrics import MetricsServer, new_registry
-from fedge.mqtt import MqttLink, Will
 from protocol.errors import ConfigError, FedgeError, MessageError, TopicError
 from protocol.messages.agent import (
     AgentState,
@@ -52,6 +49,9 @@ from protocol.messages.commands import (
 )
 from protocol.signing import load_verify_key
 from protocol.topics import TopicKind, topic_matches
+from runtime import __version__
+from runtime.metrics import MetricsServer, new_registry
+from runtime.mqtt import MqttLink, Will
 
 __all__ = ["Agent"]
 

@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from fedge import __version__
 from protocol.errors import TopicError
 from protocol.topics import Topics
+from runtime import __version__
 
 __all__ = [
     "DEFAULT_PREFIX",

@@ -31,8 +31,6 @@ from agent.preprocess import decode_image, prepare_input
 from agent.privacy import LocalDp, privatise_update
 from agent.store import SampleStore
 from agent.training import TrainConfig, Trainer, make_trainer
-from fedge.mqtt import MqttLink
-from fedge.transfer import BlobFetcher
 from protocol.chunks import BlobManifest, split_blob
 from protocol.errors import FedgeError, ModelError
 from protocol.messages.codec import decode_message, encode_message
@@ -41,6 +39,8 @@ from protocol.signing import SignedMessage, VerifyKey
 from protocol.tensors import Encoding
 from protocol.topics import TopicKind, Topics, topic_matches
 from protocol.updates import decode_weights, encode_update
+from runtime.mqtt import MqttLink
+from runtime.transfer import BlobFetcher
 
 __all__ = ["FederatedClient", "TrainableServingModel"]
 

@@ -34,9 +34,8 @@ import threading
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import numpy as np
@@ -44,12 +43,12 @@ import numpy.typing as npt
 
 from agent.runtime import load_interpreter_class
 from protocol.errors import ConfigError, ModelError
+from runtime.architectures import ARCHITECTURE_NAMES, keras_architecture
 
 if TYPE_CHECKING:
     import keras
 
 __all__ = [
-    "KERAS_MODEL_NAMES",
     "TRAINER_KINDS",
     "KerasTrainer",
     "LiteRTTrainer",
@@ -424,58 +423,15 @@ def _import_tf() -> Any:
     return tf
 
 
-def _digits_cnn(keras: Any) -> keras.Model:
-    return keras.Sequential(
-        [
-            keras.Input(shape=(8, 8, 1)),
-            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
-            keras.layers.MaxPooling2D(2),
-            keras.layers.Flatten(),
-            keras.layers.Dense(32, activation="relu"),
-            keras.layers.Dense(10, activation="softmax"),
-        ],
-        name="digits_cnn",
-    )
-
-
-def _digits_mlp(keras: Any) -> keras.Model:
-    return keras.Sequential(
-        [
-            keras.Input(shape=(8, 8, 1)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(32, activation="relu"),
-            keras.layers.Dense(10, activation="softmax"),
-        ],
-        name="digits_mlp",
-    )
-
-
-# The architectures the coordinator federates, built here again because the agent may not
-# import the coordinator; a test checks that both sides build the same models.
-_KERAS_ARCHITECTURES: Mapping[str, Callable[[Any], keras.Model]] = MappingProxyType(
-    {"digits_cnn": _digits_cnn, "digits_mlp": _digits_mlp}
-)
-KERAS_MODEL_NAMES: Final = tuple(_KERAS_ARCHITECTURES)
-
-
-def _architecture(name: str) -> Callable[[Any], keras.Model]:
-    architecture = _KERAS_ARCHITECTURES.get(name)
-    if architecture is None:
-        raise ConfigError(
-            f"unknown model {name!r}; known models: {', '.join(KERAS_MODEL_NAMES)}",
-            reason="unknown_model",
-        )
-    return architecture
-
-
 def build_keras_model(name: str) -> keras.Model:
     """The named architecture with its seeded initial weights (re-seeds Keras globally)."""
-    architecture = _architecture(name)
+    if name not in ARCHITECTURE_NAMES:
+        keras_architecture(name, None)  # the ConfigError that names the known ones
     _import_tf()  # before Keras loads TensorFlow, so its log level applies
     import keras
 
     keras.utils.set_random_seed(_MODEL_SEED)
-    return architecture(keras)
+    return keras_architecture(name, keras)
 
 
 class KerasTrainer(Trainer):
@@ -595,7 +551,8 @@ def make_trainer(
     """A trainer of ``kind`` (one of :data:`TRAINER_KINDS`).
 
     ``"litert"`` trains ``trainable_tflite`` (batch ``batch_size``); ``"keras"`` builds the
-    architecture ``model_name`` (one of :data:`KERAS_MODEL_NAMES`) with its initial weights.
+    architecture ``model_name`` (one of ``runtime.architectures.ARCHITECTURE_NAMES``) with its
+    initial weights.
     """
     if kind not in TRAINER_KINDS:
         raise ConfigError(
@@ -610,5 +567,6 @@ def make_trainer(
         return LiteRTTrainer(trainable_tflite, batch_size=batch_size)
     if model_name is None:
         raise ConfigError("the keras trainer needs a model name", reason="bad_trainer")
-    _architecture(model_name)  # an unknown name fails before TensorFlow loads
+    if model_name not in ARCHITECTURE_NAMES:  # an unknown name fails before TensorFlow loads
+        keras_architecture(model_name, None)
     return KerasTrainer(lambda: build_keras_model(model_name))

@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -36,24 +35,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-# The federation harness and the broker helpers live in tests/, which is not installed.
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(_REPO_ROOT))
-
-from coordinator.daemon import Coordinator  # noqa: E402
-from coordinator.figures import Reference, RoundSeries, rounds_figure, save_png  # noqa: E402
-from coordinator.rounds import RoundOutcome, RoundPlan  # noqa: E402
-from protocol.chunks import CHUNK_HEADER_BYTES  # noqa: E402
-from protocol.messages.rounds import (  # noqa: E402
+from coordinator.daemon import Coordinator
+from coordinator.figures import Reference, RoundSeries, rounds_figure, save_png
+from coordinator.rounds import RoundOutcome, RoundPlan
+from fedge.harness.federation import federation
+from protocol.chunks import CHUNK_HEADER_BYTES
+from protocol.messages.rounds import (
     BlobRef,
     ModelRelease,
     RoundConfig,
     UpdateEncoding,
 )
-from protocol.topics import Topics  # noqa: E402
-from tests.brokers import MosquittoProcess, find_mosquitto  # noqa: E402
-from tests.system.federation import federation  # noqa: E402
+from protocol.topics import Topics
+from runtime.mosquitto import MosquittoProcess, find_mosquitto
 
 __all__ = ["main"]
 

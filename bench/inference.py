@@ -42,34 +42,24 @@ import cv2
 import numpy as np
 import paho.mqtt.client as mqtt
 
-# The broker helpers live in tests/, which is not an installed package.
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(_REPO_ROOT))
-
-from agent.config import load_agent_config  # noqa: E402
-from agent.daemon import Agent  # noqa: E402
-from agent.model import ServingModel, load_serving_model  # noqa: E402
-from agent.preprocess import decode_image, prepare_input  # noqa: E402
-from coordinator.reference import (  # noqa: E402
+from agent.config import load_agent_config
+from agent.daemon import Agent
+from agent.model import ServingModel, load_serving_model
+from agent.preprocess import decode_image, prepare_input
+from coordinator.reference import (
     digit_images_uint8,
     digit_png,
     load_digits_split,
 )
-from coordinator.tflite_export import ReferenceModels, write_reference_models  # noqa: E402
-from protocol.errors import MessageError  # noqa: E402
-from protocol.frames import FrameMeta, encode_envelope  # noqa: E402
-from protocol.messages.agent import InferenceResult  # noqa: E402
-from protocol.messages.codec import decode_message  # noqa: E402
-from protocol.preprocess import ColorOrder, PreprocessSpec  # noqa: E402
-from protocol.topics import Topics  # noqa: E402
-from tests.brokers import (  # noqa: E402
-    MosquittoProcess,
-    disconnect,
-    find_mosquitto,
-    mqtt_client,
-    subscribe,
-)
+from coordinator.tflite_export import ReferenceModels, write_reference_models
+from fedge.harness.clients import disconnect, mqtt_client, subscribe
+from protocol.errors import MessageError
+from protocol.frames import FrameMeta, encode_envelope
+from protocol.messages.agent import InferenceResult
+from protocol.messages.codec import decode_message
+from protocol.preprocess import ColorOrder, PreprocessSpec
+from protocol.topics import Topics
+from runtime.mosquitto import MosquittoProcess, find_mosquitto
 
 __all__ = ["main"]
 

@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from fedge.settings import FedgeSettings, load_settings
 from protocol.chunks import CHUNK_HEADER_BYTES, DEFAULT_MAX_CHUNK_BYTES
+from runtime.settings import FedgeSettings, load_settings
 
 __all__ = ["CoordinatorConfig", "load_coordinator_config"]
 

@@ -22,8 +22,6 @@ from coordinator.state import CoordinatorState
 from coordinator.strategies import make_strategy
 from coordinator.task_producers import make_producer
 from coordinator.tasks import builtin_task, load_task
-from fedge.metrics import MetricsServer, new_registry
-from fedge.mqtt import MqttLink, Will
 from protocol.errors import FedgeError, MessageError
 from protocol.messages.agent import CommandAck
 from protocol.messages.base import Message
@@ -32,6 +30,8 @@ from protocol.messages.commands import Ping, RequestStatus, StartRounds, StopRou
 from protocol.messages.rounds import CoordinatorState as Phase
 from protocol.messages.rounds import CoordinatorStatus, RoundConfig, UpdateEncoding
 from protocol.signing import SigningKey, load_signing_key, write_key_pair
+from runtime.metrics import MetricsServer, new_registry
+from runtime.mqtt import MqttLink, Will
 
 __all__ = ["Coordinator", "plan_from_command"]
 

@@ -24,6 +24,7 @@ from coordinator.reference import (
     build_reference_cnn,
 )
 from protocol.errors import ConfigError
+from runtime.architectures import keras_architecture
 
 if TYPE_CHECKING:
     import keras
@@ -72,15 +73,7 @@ class ModelDefinition:
 def _build_digits_mlp() -> keras.Model:
     """A small dense model, compiled like the reference CNN."""
     keras = _import_keras()
-    model = keras.Sequential(
-        [
-            keras.Input(shape=(DIGIT_SIDE_PX, DIGIT_SIDE_PX, 1)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(_MLP_HIDDEN_UNITS, activation="relu"),
-            keras.layers.Dense(DIGITS_CLASSES, activation="softmax"),
-        ],
-        name="digits_mlp",
-    )
+    model = keras_architecture("digits_mlp", keras)
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=LEARNING_RATE),
         loss="sparse_categorical_crossentropy",

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coordinator.fleet import AgentInfo, Fleet, ReceivedUpdate
-from fedge.mqtt import MqttLink
 from protocol.chunks import BlobManifest, Reassembler, parse_chunk, split_blob
 from protocol.errors import FedgeError
 from protocol.messages.agent import AgentState, AgentStatus, ErrorEvent
@@ -26,6 +25,7 @@ from protocol.messages.codec import decode_message, encode_message
 from protocol.messages.rounds import ModelRelease, RoundAnnouncement, UpdateComplete
 from protocol.signing import SigningKey
 from protocol.topics import ParsedTopic, TopicKind, Topics
+from runtime.mqtt import MqttLink
 
 __all__ = ["MqttFleet"]
 

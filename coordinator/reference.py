@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 from protocol.errors import PreprocessError
 from protocol.preprocess import ColorOrder, InputDType, Normalization, PreprocessSpec, ResizeMode
+from runtime.architectures import keras_architecture
 
 if TYPE_CHECKING:
     import keras
@@ -143,17 +144,7 @@ def build_reference_cnn() -> keras.Model:
     keras = _import_keras()
 
     keras.utils.set_random_seed(MODEL_SEED)
-    model = keras.Sequential(
-        [
-            keras.Input(shape=(DIGIT_SIDE_PX, DIGIT_SIDE_PX, 1)),
-            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
-            keras.layers.MaxPooling2D(2),
-            keras.layers.Flatten(),
-            keras.layers.Dense(32, activation="relu"),
-            keras.layers.Dense(DIGITS_CLASSES, activation="softmax"),
-        ],
-        name="digits_cnn",
-    )
+    model = keras_architecture("digits_cnn", keras)
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=LEARNING_RATE),
         loss="sparse_categorical_crossentropy",

@@ -46,7 +46,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -56,8 +56,6 @@ from protocol.errors import ConfigError, ModelError
 if TYPE_CHECKING:
     import keras
     import tensorflow as tf
-
-    from coordinator.models import ModelDefinition
 
 __all__ = [
     "TRAINABLE_SIGNATURES",
@@ -366,12 +364,24 @@ def _convert(converter: Any, what: str) -> bytes:
     return flatbuffer
 
 
+class TrainableDefinition(Protocol):
+    """What the exporter needs of a model definition (``coordinator.models`` has them).
+
+    A protocol, so this module (which the definitions use) does not import them back.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def build_trainable(self, batch_size: int) -> tf.Module: ...
+
+
 def export_trainable_tflite(
-    definition: ModelDefinition, *, batch_size: int = DEFAULT_BATCH_SIZE
+    definition: TrainableDefinition, *, batch_size: int = DEFAULT_BATCH_SIZE
 ) -> bytes:
     """The definition's trainable module as a ``.tflite`` of builtin ops only.
 
-    Its initial weights are :meth:`ModelDefinition.build_keras`'s; ``train`` takes batches
+    Its initial weights are the definition's Keras model's; ``train`` takes batches
     of exactly ``batch_size``. Any failure (an op outside the builtins included) raises
     :class:`ModelError`.
     """

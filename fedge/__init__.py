@@ -1,10 +1,9 @@
-"""fedge: the command line and the I/O shared by the agent and the coordinator."""
+"""fedge's commands and tools: the ``fedge`` CLI, camera, demo, deploy, docs, dashboard.
 
-from importlib.metadata import PackageNotFoundError, version
+The top layer: it imports the daemons (``agent``, ``coordinator``) and the shared
+``runtime``; nothing imports it.
+"""
 
-try:
-    __version__ = version("fedge")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0"
+from runtime import __version__
 
 __all__ = ["__version__"]

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
     from rich.console import Console
 
-    from fedge.mqtt import MqttLink
+    from runtime.mqtt import MqttLink
 
 __all__ = [
     "DEFAULT_BROKER_URL",
@@ -739,7 +739,7 @@ Examples:
 def camera_command(source: str, **raw_options: Any) -> None:
     from rich.console import Console
 
-    from fedge.mqtt import MqttLink, parse_broker_url
+    from runtime.mqtt import MqttLink, parse_broker_url
 
     options = _CommandOptions(**raw_options)
     if options.label is not None and not options.envelope:

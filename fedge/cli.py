@@ -140,7 +140,7 @@ def broker(host: str, port: int, username: str, password: str) -> None:
     Examples:
       fedge broker --port 1883
     """
-    from fedge.broker import run_embedded_broker
+    from runtime.broker import run_embedded_broker
 
     console.print(f"embedded broker on mqtt://{host}:{port} (user {username!r}); Ctrl-C stops it")
     stopped_by = run_embedded_broker(host, port, username=username, password=password)
@@ -458,10 +458,10 @@ def round_start(
       fedge round start --rounds 30 --dp-noise-multiplier 1.0 --dp-clip-norm 0.5 \\
           --dp-target-epsilon 8
     """
-    from fedge.mqtt import parse_broker_url
     from fedge.remote import send_command
     from protocol.messages.commands import StartRounds
     from protocol.topics import Topics
+    from runtime.mqtt import parse_broker_url
 
     options: dict[str, str | int | float | bool] = {
         "update_encoding": str(settings.pop("update_encoding")),
@@ -520,9 +520,9 @@ def round_status(
       fedge round status
       fedge round status --watch
     """
-    from fedge.mqtt import parse_broker_url
     from fedge.remote import show_status
     from protocol.topics import Topics
+    from runtime.mqtt import parse_broker_url
 
     show_status(
         parse_broker_url(broker_url, username=username, password=password, ca_file=ca_file),

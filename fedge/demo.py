@@ -78,7 +78,7 @@ class _Broker:
     password: str | None
 
     def address(self) -> Any:
-        from fedge.mqtt import parse_broker_url
+        from runtime.mqtt import parse_broker_url
 
         return parse_broker_url(self.url, username=self.username, password=self.password)
 
@@ -196,7 +196,15 @@ def _run(  # noqa: PLR0915 - one linear story, told in order
         env = dict(os.environ, FEDGE_BROKER_PASSWORD=BROKER_PASSWORD)
         processes.start(
             "broker",
-            [sys.executable, "-m", "fedge.broker", "--port", str(port), "--username", BROKER_USER],
+            [
+                sys.executable,
+                "-m",
+                "runtime.broker",
+                "--port",
+                str(port),
+                "--username",
+                BROKER_USER,
+            ],
             env,
         )
         _wait_for_port(port, children, "broker")
@@ -387,7 +395,7 @@ def _start_agent(
     public_key: Path,
     fleet: str,
 ) -> None:
-    from fedge.settings import write_toml
+    from runtime.settings import write_toml
 
     config = workdir / agent_id / "agent.toml"
     username, password = credentials
@@ -455,9 +463,9 @@ def _wait_for_agents(
 
 
 def _results_watcher(broker: _Broker, topics: Any, truth: np.ndarray, live: _Live) -> Any:
-    from fedge.mqtt import MqttLink
     from protocol.messages.agent import InferenceResult
     from protocol.messages.codec import decode_message
+    from runtime.mqtt import MqttLink
 
     def on_message(_topic: str, payload: bytes) -> None:
         try:
@@ -490,8 +498,8 @@ def _stream_camera(
     fps: float,
 ) -> None:
     from coordinator.reference import digit_images_uint8, digit_png
-    from fedge.mqtt import MqttLink
     from protocol.frames import FrameMeta, encode_envelope
+    from runtime.mqtt import MqttLink
 
     stop, live = control
     link = MqttLink(

@@ -11,13 +11,13 @@ from rich.live import Live
 from rich.table import Table
 
 from fedge.interrupts import StopSignals
-from fedge.mqtt import BrokerAddress, MqttLink
 from protocol.errors import FedgeError, TransportError
 from protocol.messages.agent import CommandAck
 from protocol.messages.base import Message
 from protocol.messages.codec import decode_message, encode_message
 from protocol.messages.rounds import CoordinatorStatus
 from protocol.topics import Topics
+from runtime.mqtt import BrokerAddress, MqttLink
 
 __all__ = ["send_command", "show_status"]
 

@@ -103,7 +103,7 @@ def fresh_mosquitto(
 
 @pytest.fixture(scope="session")
 def amqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AmqttProcess]:
-    """fedge's embedded broker (``python -m fedge.broker``, amqtt) for the whole session.
+    """fedge's embedded broker (``python -m runtime.broker``, amqtt) for the whole session.
 
     Clients must connect with its ``username``/``password`` (anonymous clients are
     refused, and only named sessions keep QoS 1 messages while offline). State lives in

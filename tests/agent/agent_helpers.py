@@ -16,11 +16,11 @@ from agent.config import load_agent_config
 from agent.daemon import Agent
 from coordinator.reference import digit_images_uint8, digit_png, load_digits_split
 from coordinator.tflite_export import ReferenceModels
+from fedge.harness.federation import agent_toml
 from protocol.messages.agent import AgentStatus
 from protocol.messages.codec import decode_message
 from protocol.topics import Topics
 from tests.brokers import MessageCollector, Received
-from tests.system.federation import agent_toml
 
 CONNECT_TIMEOUT_S = 15.0
 RESULT_TIMEOUT_S = 60.0

@@ -10,11 +10,11 @@ import pytest
 from agent.federated import FederatedClient
 from agent.store import SampleStore
 from coordinator.reference import digit_images_uint8, digit_png, load_digits_split
-from fedge.mqtt import MqttLink, parse_broker_url
 from protocol.messages.rounds import BlobRef, ModelRelease
 from protocol.preprocess import ColorOrder, PreprocessSpec
 from protocol.signing import SigningKey
 from protocol.topics import Topics
+from runtime.mqtt import MqttLink, parse_broker_url
 
 SHA = "ab" * 32
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from agent.training import (
-    KERAS_MODEL_NAMES,
     TRAINER_KINDS,
     KerasTrainer,
     LiteRTTrainer,
@@ -28,6 +27,7 @@ from coordinator.models import MODEL_NAMES, get_model_definition
 from coordinator.reference import DigitsSplit, load_digits_split
 from coordinator.tflite_export import export_float_tflite
 from protocol.errors import ConfigError, ModelError
+from runtime.architectures import ARCHITECTURE_NAMES
 from tests.coordinator.test_trainable import exported_trainable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -207,7 +207,7 @@ def test_evaluate_and_predict_agree(split: DigitsSplit) -> None:
     assert loss == pytest.approx(-np.mean(np.log(picked)), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", KERAS_MODEL_NAMES)
+@pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
 def test_agent_builders_match_the_coordinator_registry(name: str, split: DigitsSplit) -> None:
     agent_model = build_keras_model(name)
     coordinator_model = get_model_definition(name).build_keras()
@@ -225,7 +225,7 @@ def test_agent_builders_match_the_coordinator_registry(name: str, split: DigitsS
         coordinator_model.predict(split.x_test, verbose=0),
         atol=1e-6,
     )
-    assert KERAS_MODEL_NAMES == MODEL_NAMES
+    assert ARCHITECTURE_NAMES == MODEL_NAMES
 
 
 # --- errors ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 
 from coordinator.rounds import RoundPlan
 from fedge.bridge import Remote, bridge_config
+from fedge.harness.federation import federation
 from protocol.topics import Topics
 from tests.brokers import (
     MessageCollector,
@@ -26,7 +27,6 @@ from tests.brokers import (
     subscribe,
 )
 from tests.faults import TcpProxy
-from tests.system.federation import federation
 
 pytestmark = [pytest.mark.broker, pytest.mark.system]
 

@@ -17,9 +17,9 @@ from sklearn.datasets import load_digits
 
 from fedge.camera import CameraReport, PublishSettings, camera_command, open_source, publish_frames
 from fedge.cli import cli
-from fedge.mqtt import MqttLink, parse_broker_url
 from protocol.frames import PayloadShape, decode_frame, payload_shape
 from protocol.topics import Topics
+from runtime.mqtt import MqttLink, parse_broker_url
 from tests.brokers import (
     MessageCollector,
     MosquittoProcess,

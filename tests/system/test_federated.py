@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.rounds import RoundPlan
+from fedge.harness.federation import federation
 from protocol.messages.agent import AgentStatus
 from protocol.messages.codec import decode_message
 from protocol.messages.rounds import RoundConfig, UpdateEncoding
@@ -22,7 +23,6 @@ from tests.brokers import (
     subscribe,
     wait_until,
 )
-from tests.system.federation import federation
 
 pytestmark = [pytest.mark.broker, pytest.mark.system]
 

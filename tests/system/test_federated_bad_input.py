@@ -34,6 +34,7 @@ from safetensors.numpy import save
 
 from coordinator.daemon import Coordinator
 from coordinator.rounds import RoundOutcome, RoundPlan
+from fedge.harness.federation import Federation, federation
 from protocol.chunks import CHUNK_HEADER_BYTES, split_blob
 from protocol.errors import FedgeError
 from protocol.messages.agent import AgentState, AgentStatus, Capabilities, ErrorEvent
@@ -53,7 +54,6 @@ from tests.brokers import (
     subscribe,
     wait_until,
 )
-from tests.system.federation import Federation, federation
 
 pytestmark = [pytest.mark.broker, pytest.mark.system]
 

@@ -17,6 +17,7 @@ import pytest
 from coordinator.daemon import Coordinator
 from coordinator.rounds import RoundOutcome, RoundPlan
 from coordinator.state import CoordinatorState
+from fedge.harness.federation import AgentProcess, Federation, federation
 from protocol.chunks import CHUNK_HEADER_BYTES, DEFAULT_MAX_CHUNK_BYTES
 from protocol.errors import FedgeError
 from protocol.messages.codec import decode_message
@@ -33,7 +34,6 @@ from tests.brokers import (
     subscribe,
     wait_until,
 )
-from tests.system.federation import AgentProcess, Federation, federation
 
 pytestmark = [pytest.mark.broker, pytest.mark.system]
 

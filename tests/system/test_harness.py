@@ -15,9 +15,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from fedge.broker import EmbeddedBroker
 from protocol.errors import TransportError
 from protocol.topics import Topics, validate_id
+from runtime.broker import EmbeddedBroker
 from tests.brokers import (
     AmqttProcess,
     BrokerEndpoint,
@@ -263,7 +263,7 @@ def test_embedded_broker_on_a_taken_port_says_so(amqtt_broker: AmqttProcess) -> 
     assert caught.value.reason == "port_in_use"
 
     result = subprocess.run(
-        [sys.executable, "-m", "fedge.broker", "--port", str(amqtt_broker.port)],
+        [sys.executable, "-m", "runtime.broker", "--port", str(amqtt_broker.port)],
         capture_output=True,
         text=True,
         timeout=SUBPROCESS_TIMEOUT_S,

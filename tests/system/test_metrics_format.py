@@ -23,8 +23,8 @@ from agent.intake import FrameCounts
 from agent.metrics import AgentReadings, register_agent_metrics
 from coordinator.metrics import RoundMeter
 from coordinator.rounds import RoundOutcome
-from fedge.metrics import MetricsServer, new_registry
 from protocol.errors import ConfigError
+from runtime.metrics import MetricsServer, new_registry
 from tests.brokers import free_port
 
 HTTP_TIMEOUT_S = 10.0

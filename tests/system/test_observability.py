@@ -11,6 +11,7 @@ import pytest
 
 from coordinator.rounds import RoundPlan
 from coordinator.tflite_export import ReferenceModels
+from fedge.harness.federation import federation
 from protocol.messages.codec import decode_message
 from protocol.messages.rounds import CoordinatorState as Phase
 from protocol.messages.rounds import CoordinatorStatus, RoundConfig, UpdateEncoding
@@ -32,7 +33,6 @@ from tests.brokers import (
     subscribe,
     wait_until,
 )
-from tests.system.federation import federation
 from tests.system.test_metrics_format import (
     AGENT_METRICS,
     COORDINATOR_METRICS,

@@ -10,6 +10,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from coordinator.dp import DpOptions
 from coordinator.rounds import RoundPlan
+from fedge.harness.federation import federation
 from protocol.messages.codec import decode_message
 from protocol.messages.rounds import CoordinatorStatus, ModelRelease
 from protocol.signing import SignedMessage
@@ -23,7 +24,6 @@ from tests.brokers import (
     mqtt_client,
     subscribe,
 )
-from tests.system.federation import federation
 
 pytestmark = [pytest.mark.broker, pytest.mark.system]
 

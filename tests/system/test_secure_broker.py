@@ -33,6 +33,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from coordinator.rounds import RoundPlan
 from fedge.deploy import Access, Role, acl_text, deploy_group, fleet_clients
+from fedge.harness.federation import federation
 from protocol.errors import ConfigError
 from protocol.topics import Topics, topic_matches
 from tests.brokers import (
@@ -46,12 +47,11 @@ from tests.brokers import (
     publish,
     wait_until,
 )
-from tests.system.federation import federation
 
 pytestmark = [pytest.mark.broker, pytest.mark.system]
 
 PRODUCTION_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
-AGENT_A, AGENT_B = "agent-00", "agent-01"  # the ids tests.system.federation gives its agents
+AGENT_A, AGENT_B = "agent-00", "agent-01"  # the ids fedge.harness.federation gives its agents
 COORDINATOR, OPERATOR, CAMERA, ADMIN = "coordinator", "operator", "door", "test-admin"
 ACK_TIMEOUT_S = 30.0
 CERT_LIFETIME = datetime.timedelta(days=2)

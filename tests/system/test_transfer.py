@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from fedge.mqtt import MqttLink, parse_broker_url
-from fedge.transfer import BlobFetcher
 from protocol.chunks import DEFAULT_MAX_CHUNK_BYTES, BlobManifest, split_blob
 from protocol.topics import Topics
+from runtime.mqtt import MqttLink, parse_broker_url
+from runtime.transfer import BlobFetcher
 
 pytestmark = pytest.mark.broker
 

@@ -17,7 +17,7 @@ from protocol.errors import ConfigError, TopicError
 from protocol.topics import DEFAULT_FLEET, DEFAULT_ROOT, Topics, validate_id
 
 if TYPE_CHECKING:
-    from fedge.mqtt import BrokerAddress
+    from runtime.mqtt import BrokerAddress
 
 __all__ = ["FedgeSettings", "load_settings", "write_toml"]
 
@@ -65,7 +65,7 @@ class FedgeSettings(BaseSettings):
         return Topics(root=self.topic_root, fleet=self.fleet)
 
     def broker_address(self) -> BrokerAddress:
-        from fedge.mqtt import parse_broker_url
+        from runtime.mqtt import parse_broker_url
 
         return parse_broker_url(
             self.broker_url,

@@ -17,7 +17,6 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from fedge.mqtt import MqttLink
 from protocol.chunks import (
     DEFAULT_MAX_BLOB_BYTES,
     DEFAULT_MAX_CHUNK_BYTES,
@@ -27,6 +26,7 @@ from protocol.chunks import (
     split_blob,
 )
 from protocol.errors import ChunkError, FedgeError
+from runtime.mqtt import MqttLink
 
 __all__ = ["BlobFetcher", "publish_blob"]
 

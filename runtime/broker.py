@@ -4,7 +4,7 @@
 amqtt speaks MQTT 3.1.1 only, which is all fedge's wire protocol needs.
 
 Credentials: every client must connect with the username and password the broker was
-started with (default ``fedge`` / ``fedge``; ``python -m fedge.broker`` also reads the
+started with (default ``fedge`` / ``fedge``; ``python -m runtime.broker`` also reads the
 password from ``FEDGE_BROKER_PASSWORD``). This is not decoration: amqtt throws away the
 session of a disconnected *anonymous* client, so QoS 1 messages for an offline persistent
 session would be lost; a named client keeps its session and its queued messages.
@@ -13,7 +13,7 @@ amqtt keeps sessions and retained messages in memory only: stopping the broker f
 
 Run it as a process until SIGTERM or SIGINT::
 
-    python -m fedge.broker --host 127.0.0.1 --port 1883 --username fedge
+    python -m runtime.broker --host 127.0.0.1 --port 1883 --username fedge
 """
 
 from __future__ import annotations
@@ -370,7 +370,7 @@ def run_embedded_broker(
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m fedge.broker",
+        prog="python -m runtime.broker",
         description="Run fedge's embedded MQTT 3.1.1 broker (amqtt) until SIGTERM or SIGINT.",
     )
     parser.add_argument("--host", default=DEFAULT_BROKER_HOST, help="address to listen on")
@@ -391,7 +391,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m fedge.broker``; returns the process exit status."""
+    """Entry point of ``python -m runtime.broker``; returns the process exit status."""
     args = _parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
