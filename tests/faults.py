@@ -4,8 +4,11 @@
 broker, with two threads per connection (one per direction). ``hold_upstream()`` makes it
 swallow what clients send from then on (the bytes are counted and never delivered), while
 the broker's traffic still reaches the clients: the broker never sees a PUBLISH, so it
-never acknowledges it. ``cut()`` breaks the link: every connection ends and new ones are
-accepted and closed at once, until ``restore()``. ``close()`` ends every connection and
+never acknowledges it. With a :class:`tests.links.LinkProfile` every connection goes
+through a slow or lossy link instead (latency, jitter, bandwidth, stalls, loss bursts).
+``bytes_up`` and ``bytes_down`` count what was delivered each way. ``cut()`` breaks the
+link: every connection ends and new ones are accepted and closed at once, until
+``restore()``. ``close()`` ends every connection and
 thread; the proxy is a context manager so a test cannot leave it running.
 """
 
@@ -14,7 +17,10 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from types import TracebackType
+
+from tests.links import CLEAN, CountBytes, LinkProfile, Schedule, ShapedPipe
 
 __all__ = ["TcpProxy"]
 
@@ -29,8 +35,21 @@ RECV_BYTES = 64 * 1024
 class TcpProxy:
     """Forward ``host:port`` (a free loopback port) to ``upstream_host:upstream_port``."""
 
-    def __init__(self, upstream_host: str, upstream_port: int, *, host: str = LOOPBACK) -> None:
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        *,
+        host: str = LOOPBACK,
+        profile: LinkProfile = CLEAN,
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.profile = profile
+        self._started = time.monotonic()
+        self._up = CountBytes()
+        self._down = CountBytes()
+        self._pipes: list[ShapedPipe] = []
+        self._schedule = Schedule(profile, self._started)
         self._listener = socket.create_server((host, 0))
         self._listener.settimeout(ACCEPT_POLL_S)
         self.host: str = host
@@ -56,6 +75,20 @@ class TcpProxy:
         _traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+    @property
+    def bytes_up(self) -> int:
+        """Bytes delivered client -> broker so far."""
+        return self._up.value
+
+    @property
+    def bytes_down(self) -> int:
+        """Bytes delivered broker -> client so far."""
+        return self._down.value
+
+    def open_at(self, moment: float) -> float:
+        """When a byte ready at ``moment`` (monotonic) may cross the link (stalls, bursts)."""
+        return self._schedule.open_at(moment)
 
     @property
     def url(self) -> str:
@@ -86,7 +119,10 @@ class TcpProxy:
         self._acceptor.join(JOIN_TIMEOUT_S)
         self._listener.close()
         with self._lock:
-            sockets, threads = list(self._sockets), list(self._threads)
+            sockets, threads, pipes = list(self._sockets), list(self._threads), list(self._pipes)
+        for pipe in pipes:
+            pipe.stop()
+            threads += pipe.threads
         for sock in sockets:
             _shut(sock)
         for thread in threads:
@@ -126,6 +162,9 @@ class TcpProxy:
                     return
                 self.connections += 1
                 self._sockets += [client, upstream]
+                if self.profile.shaped:
+                    self._shape(client, upstream)
+                    continue
                 for source, sink, is_upstream in (
                     (client, upstream, True),
                     (upstream, client, False),
@@ -139,6 +178,28 @@ class TcpProxy:
                     thread.start()
                     self._threads.append(thread)
 
+    def _shape(self, client: socket.socket, upstream: socket.socket) -> None:
+        def end() -> None:
+            _shut(client)
+            _shut(upstream)
+
+        # One schedule for the whole proxy: a stall hits every connection at once.
+        for source, sink, count, name in (
+            (client, upstream, self._up, "link-up"),
+            (upstream, client, self._down, "link-down"),
+        ):
+            self._pipes.append(
+                ShapedPipe(
+                    source,
+                    sink,
+                    self.profile,
+                    start=self._started,
+                    count=count,
+                    on_end=end,
+                    name=name,
+                )
+            )
+
     def _pump(self, source: socket.socket, sink: socket.socket, is_upstream: bool) -> None:
         try:
             while True:
@@ -150,6 +211,7 @@ class TcpProxy:
                         self.held_bytes += len(data)
                     continue
                 sink.sendall(data)
+                (self._up if is_upstream else self._down)(len(data))
         except OSError as exc:
             # A reset or a close() from the other direction ends the connection either way.
             logger.debug("proxy connection ended: %s", exc)
