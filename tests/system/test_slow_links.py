@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -37,6 +38,7 @@ from tests.brokers import (
 )
 from tests.faults import TcpProxy
 from tests.links import LinkProfile, Schedule
+from tests.netns import ShapedNamespace, namespaces_available
 from tests.system.federation import federation
 
 pytestmark = [pytest.mark.broker, pytest.mark.system]
@@ -209,3 +211,32 @@ def test_results_keep_flowing_through_stalls_with_a_bounded_backlog(
 def _frame_of(payload: bytes) -> str:
     result = decode_message(payload, InferenceResult)
     return result.frame_id
+
+
+@pytest.mark.skipif(not namespaces_available(), reason="network namespaces need root, ip and tc")
+def test_a_publish_from_a_tbf_shaped_namespace_reaches_the_host_broker(
+    mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
+) -> None:
+    payload = os.urandom(48 * 1024)
+    (tmp_path / "payload.bin").write_bytes(payload)
+    received = MessageCollector()
+    watcher = mqtt_client(mosquitto, collector=received)
+    topic = topics.camera_frames("shaped")
+    try:
+        subscribe(watcher, topic)
+        with ShapedNamespace(256_000, tmp_path / "ns") as namespace:
+            namespace.forward(1883, (mosquitto.host, mosquitto.port))
+            published = subprocess.run(
+                namespace.command(
+                    ["mosquitto_pub", "-h", "127.0.0.1", "-p", "1883", "-q", "1", "-t", topic,
+                     "-f", str(tmp_path / "payload.bin")]
+                ),
+                capture_output=True, text=True, check=False, timeout=WAIT_S,
+            )  # fmt: skip
+            assert published.returncode == 0, published.stderr
+            (message,) = received.wait_for_topic(topic, timeout_s=WAIT_S)
+            # Every byte went through the token bucket on the namespace's loopback.
+            assert namespace.sent_bytes() >= len(payload)
+    finally:
+        disconnect(watcher)
+    assert message.payload == payload
