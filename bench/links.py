@@ -3,8 +3,8 @@
     python bench/links.py [--agents 3] [--rounds 3] [--profiles clean wifi lte bad-lte]
                           [--deadline 240] [--out bench/results/links.json]
 
-For each link profile (``tests/links.py``: latency, jitter, bandwidth, periodic stalls and
-loss bursts, simulated in user space by ``tests/faults.py``'s proxy) a fresh Mosquitto and a
+For each link profile (``fedge.harness.links``: latency, jitter, bandwidth, periodic stalls and
+loss bursts, simulated in user space by ``fedge.harness.faults``'s proxy) a fresh Mosquitto and a
 fresh federation: N ``fedge agent run`` processes (LiteRT trainer, no TensorFlow), each
 connected to the broker through its own shaped link; the coordinator in this process on a
 clean connection. Prints, per profile, the median round time, rounds closed before their
@@ -25,17 +25,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-# The federation harness, broker helpers and link simulator live in tests/ (not installed).
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(_REPO_ROOT))
-
-from coordinator.rounds import RoundPlan  # noqa: E402
-from protocol.topics import Topics  # noqa: E402
-from tests.brokers import MosquittoProcess, find_mosquitto  # noqa: E402
-from tests.faults import TcpProxy  # noqa: E402
-from tests.links import PROFILES, LinkProfile  # noqa: E402
-from tests.system.federation import federation  # noqa: E402
+from coordinator.rounds import RoundPlan
+from fedge.harness.faults import TcpProxy
+from fedge.harness.federation import federation
+from fedge.harness.links import PROFILES, LinkProfile
+from protocol.topics import Topics
+from runtime.mosquitto import MosquittoProcess, find_mosquitto
 
 DEFAULT_OUT = Path("bench/results/links.json")
 

@@ -1,4 +1,4 @@
-"""Agents behind slow and lossy links (``tests/links.py``'s user-space link simulator).
+"""Agents behind slow and lossy links (``fedge.harness.links``'s user-space link simulator).
 
 Short versions: ``bench/links.py`` carries the long runs and prints the times. Tests assert
 what happened (rounds closed with every agent, before their deadline; bytes not sent twice;
@@ -19,13 +19,14 @@ import pytest
 
 from coordinator.rounds import RoundPlan
 from coordinator.tflite_export import ReferenceModels
-from fedge.mqtt import MqttLink, parse_broker_url
-from fedge.transfer import BlobFetcher
+from fedge.harness.federation import federation
 from protocol.chunks import split_blob
 from protocol.frames import FrameMeta, encode_envelope
 from protocol.messages.agent import InferenceResult
 from protocol.messages.codec import decode_message
 from protocol.topics import Topics
+from runtime.mqtt import MqttLink, parse_broker_url
+from runtime.transfer import BlobFetcher
 from tests.agent.agent_helpers import agent_settings, held_out_digits, running_agent
 from tests.brokers import (
     MessageCollector,
@@ -36,10 +37,7 @@ from tests.brokers import (
     subscribe,
     wait_until,
 )
-from tests.faults import TcpProxy
-from tests.links import LinkProfile, Schedule
-from tests.netns import ShapedNamespace, namespaces_available
-from tests.system.federation import federation
+from tests.faults import LinkProfile, Schedule, ShapedNamespace, TcpProxy, namespaces_available
 
 pytestmark = [pytest.mark.broker, pytest.mark.system]
 

@@ -13,7 +13,7 @@ retransmission timeout). Loss bursts are therefore random stalls (seeded), and p
 stalls model a link that goes quiet now and then (a Wi-Fi roam, an LTE handover).
 
 The kernel's ``netem`` would do the same below TCP; it is not available on these machines
-(see ``tests/netns.py`` for bandwidth through ``tbf`` in a network namespace, as root).
+(see ``fedge.harness.netns`` for bandwidth through ``tbf`` in a network namespace, as root).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class Schedule:
         self._start = start
         self._bursts: list[tuple[float, float]] = []
         if profile.loss_bursts_per_min > 0 and profile.loss_burst_s > 0:
-            rng = random.Random(profile.seed)
+            rng = random.Random(profile.seed)  # noqa: S311 - a seeded simulation, not secrecy
             at = 0.0
             while at < SCHEDULE_HORIZON_S:
                 at += rng.expovariate(profile.loss_bursts_per_min / 60.0)
@@ -160,7 +160,7 @@ class ShapedPipe:
     ) -> None:
         self._source, self._sink, self._profile = source, sink, profile
         self._schedule = Schedule(profile, start)
-        self._rng = random.Random(profile.seed + 1)
+        self._rng = random.Random(profile.seed + 1)  # noqa: S311 - seeded jitter
         self._count = count
         self._on_end = on_end
         self._queue: deque[tuple[float, bytes]] = deque()

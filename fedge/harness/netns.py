@@ -10,7 +10,7 @@ because they live in the file system.
 
 The token bucket shapes every packet leaving the namespace's loopback, so the rate is the
 two directions together. Latency and loss need ``netem``, which these machines lack: use
-``tests/links.py``'s user-space proxy for those.
+``fedge.harness.links``'s user-space proxy for those.
 """
 
 from __future__ import annotations
@@ -104,9 +104,11 @@ class ShapedNamespace:
         self._listeners.append(listener)
         threading.Thread(target=self._serve, args=(listener, broker), daemon=True).start()
         ready = self.workdir / f"relay-{port}.ready"
+        # The relay imports this module: hand it the same import path as this process.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         relay = subprocess.Popen(
-            self.command([sys.executable, "-m", "tests.netns", str(port), str(path), str(ready)]),
-            cwd=Path(__file__).resolve().parents[1],
+            self.command([sys.executable, "-m", __name__, str(port), str(path), str(ready)]),
+            env=env,
         )
         self._relays.append(relay)
         deadline = threading.Event()
