@@ -18,7 +18,7 @@ import numpy as np
 from coordinator.models import get_model_definition
 from coordinator.rounds import ModelProducer
 from coordinator.state import CoordinatorState
-from coordinator.trainable import export_trainable_tflite
+from coordinator.trainable_export import export_trainable_tflite
 from protocol.chunks import CHUNK_HEADER_BYTES, DEFAULT_MAX_CHUNK_BYTES
 from protocol.messages.rounds import BlobRef, ModelMetrics, ModelRelease
 from protocol.preprocess import PreprocessSpec

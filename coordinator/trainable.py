@@ -1,7 +1,7 @@
 """Trainable ``.tflite`` models: SGD inside LiteRT, on a device without TensorFlow.
 
 :func:`build_trainable_module` rewrites a small Keras ``Sequential`` into a ``tf.Module`` with
-four signatures, and :func:`export_trainable_tflite` converts it with builtin ops only:
+four signatures, and ``coordinator.trainable_export`` converts it with builtin ops only:
 
 - ``infer(x)`` -> ``{"output": probabilities}``; any batch size.
 - ``train(x, y, mask, lr)`` -> ``{"loss": ...}``: one SGD step ``w -= lr * grad`` on a fixed
@@ -37,16 +37,10 @@ TensorFlow is imported inside the functions, so importing this module stays chea
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
-import re
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -58,9 +52,10 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
     "TRAINABLE_SIGNATURES",
     "build_trainable_module",
-    "export_trainable_tflite",
+    "import_tf",
 ]
 
 _log = logging.getLogger(__name__)
@@ -70,14 +65,13 @@ DEFAULT_BATCH_SIZE: Final = 16
 # Hide TensorFlow's C++ INFO and WARNING lines; errors still print, and raise.
 _TF_CPP_MIN_LOG_LEVEL = "2"
 # How the converter names the TensorFlow ops it could only run through the Flex delegate.
-_NON_BUILTIN_OPS: Final = re.compile(r"TF Select ops: ([^\n]+)")
 _PLAIN_ACTIVATIONS: Final = frozenset({"linear", "relu"})
 
 # One step of the forward graph: (tf module, variables, activations) -> activations.
 _Step = Callable[[Any, Sequence[Any], Any], Any]
 
 
-def _import_tf() -> Any:
+def import_tf() -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", _TF_CPP_MIN_LOG_LEVEL)
     import tensorflow as tf
 
@@ -286,7 +280,7 @@ def build_trainable_module(
         raise ConfigError(
             f"batch_size must be at least 1, got {batch_size}", reason="bad_batch_size"
         )
-    tf = _import_tf()
+    tf = import_tf()
     steps = _Translator(model).run()
     initial = [np.asarray(w, dtype=np.float32) for w in model.get_weights()]
     num_classes = int(model.output_shape[-1])
@@ -336,75 +330,3 @@ def build_trainable_module(
     module.get_weights = tf.function(get_weights, input_signature=[])
     module.set_weights = tf.function(set_weights, input_signature=weight_specs)
     return module
-
-
-def _convert(converter: Any, what: str) -> bytes:
-    # The converter prints progress to stdout: keep it in the log instead.
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(captured):
-            flatbuffer = converter.convert()
-    # The converter raises ValueError, RuntimeError and its own (private) ConverterError.
-    except Exception as exc:
-        # The converter's message is a long MLIR dump; the ops it lacks are the news.
-        missing = _NON_BUILTIN_OPS.search(str(exc))
-        if missing is None:
-            raise ModelError(f"TFLite conversion ({what}) failed: {exc}", reason="convert") from exc
-        _log.debug("conversion of %s failed: %s", what, exc)
-        raise ModelError(
-            f"TFLite conversion ({what}) failed: it needs ops that are not TFLite builtins "
-            f"({missing.group(1).strip()})",
-            reason="convert",
-        ) from exc
-    finally:
-        if captured.getvalue():
-            _log.debug("converter output (%s): %s", what, captured.getvalue().strip())
-    if not isinstance(flatbuffer, bytes) or not flatbuffer:
-        raise ModelError(f"TFLite conversion ({what}) produced no model", reason="convert")
-    return flatbuffer
-
-
-class TrainableDefinition(Protocol):
-    """What the exporter needs of a model definition (``coordinator.models`` has them).
-
-    A protocol, so this module (which the definitions use) does not import them back.
-    """
-
-    @property
-    def name(self) -> str: ...
-
-    def build_trainable(self, batch_size: int) -> tf.Module: ...
-
-
-def export_trainable_tflite(
-    definition: TrainableDefinition, *, batch_size: int = DEFAULT_BATCH_SIZE
-) -> bytes:
-    """The definition's trainable module as a ``.tflite`` of builtin ops only.
-
-    Its initial weights are the definition's Keras model's; ``train`` takes batches
-    of exactly ``batch_size``. Any failure (an op outside the builtins included) raises
-    :class:`ModelError`.
-    """
-    tf = _import_tf()
-    module = definition.build_trainable(batch_size)
-    what = f"trainable {definition.name}"
-    saved_dir = Path(tempfile.mkdtemp(prefix="fedge-trainable-"))
-    try:
-        try:
-            signatures = {
-                name: getattr(module, name).get_concrete_function() for name in TRAINABLE_SIGNATURES
-            }
-            tf.saved_model.save(module, str(saved_dir), signatures=signatures)
-            converter = tf.lite.TFLiteConverter.from_saved_model(
-                str(saved_dir), signature_keys=list(TRAINABLE_SIGNATURES)
-            )
-        # Tracing and saving raise TensorFlow's own errors, ValueError and TypeError.
-        except Exception as exc:
-            raise ModelError(f"cannot save {what} for conversion: {exc}", reason="convert") from exc
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        converter.experimental_enable_resource_variables = True
-        flatbuffer = _convert(converter, what)
-    finally:
-        shutil.rmtree(saved_dir, ignore_errors=True)
-    _log.info("exported %s (batch %d): %d bytes", what, batch_size, len(flatbuffer))
-    return flatbuffer

@@ -2,7 +2,8 @@
 
 Everything above this module deals in ``(topic, bytes)`` only. This module owns:
 
-- connecting from a URL (``mqtt://`` or ``mqtts://``, user and password, CA/cert/key);
+- connecting to a :class:`BrokerAddress` (``runtime.address``: from ``mqtt://`` or
+  ``mqtts://`` URLs, user and password, CA/cert/key);
 - a persistent session (clean_session false) so QoS 1 messages wait for us at the broker;
 - reconnecting forever with exponential backoff and full jitter, re-subscribing each time;
 - TCP_NODELAY on the socket (QoS 1 round trips take ~90 ms with Nagle, ~8 ms without);
@@ -21,15 +22,14 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
 from protocol.errors import ConfigError, TransportError
+from runtime.address import BrokerAddress, Will, parse_broker_url
 
 __all__ = [
     "BrokerAddress",
@@ -45,66 +45,9 @@ RECONNECT_MAX_S = 15.0
 KEEPALIVE_S = 30
 LOOP_TIMEOUT_S = 0.1
 DEFAULT_MAX_INFLIGHT = 32
-DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "tcp": 1883, "ssl": 8883}
 
 MessageHandler = Callable[[str, bytes], None]
 AckCallback = Callable[[], None]
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool = False
-    username: str | None = None
-    password: str | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-    def redacted(self) -> str:
-        scheme = "mqtts" if self.tls else "mqtt"
-        user = f"{self.username}@" if self.username else ""
-        return f"{scheme}://{user}{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Will:
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-def parse_broker_url(
-    url: str,
-    *,
-    username: str | None = None,
-    password: str | None = None,
-    ca_file: Path | None = None,
-    cert_file: Path | None = None,
-    key_file: Path | None = None,
-) -> BrokerAddress:
-    """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...``; explicit arguments win."""
-    parts = urlsplit(url)
-    if parts.scheme not in DEFAULT_PORTS:
-        raise ConfigError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
-    if not parts.hostname:
-        raise ConfigError(f"broker URL {url!r} names no host")
-    try:
-        port = parts.port or DEFAULT_PORTS[parts.scheme]
-    except ValueError as exc:
-        raise ConfigError(f"broker URL {url!r} has an invalid port") from exc
-    return BrokerAddress(
-        host=parts.hostname,
-        port=port,
-        tls=parts.scheme in {"mqtts", "ssl"} or ca_file is not None,
-        username=username or (unquote(parts.username) if parts.username else None),
-        password=password or (unquote(parts.password) if parts.password else None),
-        ca_file=ca_file,
-        cert_file=cert_file,
-        key_file=key_file,
-    )
 
 
 def backoff_delay_s(attempt: int, *, rng: random.Random) -> float:

@@ -12,7 +12,8 @@ from agent.runtime import load_interpreter_class
 from agent.training import LiteRTTrainer, TrainConfig
 from coordinator.models import MODEL_NAMES, ModelDefinition, get_model_definition
 from coordinator.reference import DigitsSplit, load_digits_split
-from coordinator.trainable import TRAINABLE_SIGNATURES, export_trainable_tflite
+from coordinator.trainable import TRAINABLE_SIGNATURES
+from coordinator.trainable_export import export_trainable_tflite
 from protocol.errors import ConfigError, ModelError
 
 BATCH = 16

@@ -18,6 +18,7 @@ HEAVY = (
     "keras",
     "agent",
     "coordinator",
+    "runtime",
     "fedge",
 )
 

@@ -11,24 +11,20 @@ session would be lost; a named client keeps its session and its queued messages.
 
 amqtt keeps sessions and retained messages in memory only: stopping the broker forgets them.
 
-Run it as a process until SIGTERM or SIGINT::
+Run it as a process until SIGTERM or SIGINT (``runtime/broker/__main__.py``)::
 
     python -m runtime.broker --host 127.0.0.1 --port 1883 --username fedge
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import errno
 import hmac
 import logging
-import os
-import signal
-import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -45,10 +41,12 @@ __all__ = [
     "DEFAULT_BROKER_PASSWORD",
     "DEFAULT_BROKER_PORT",
     "DEFAULT_BROKER_USERNAME",
+    "NOISY_LOGGERS",
     "PASSWORD_ENV_VAR",
+    "BrokerSettings",
     "EmbeddedBroker",
-    "main",
-    "run_embedded_broker",
+    "quiet_amqtt_logging",
+    "serve",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,11 +61,11 @@ SHUTDOWN_TIMEOUT_S = 3.0
 STOP_TIMEOUT_S = 10.0
 
 # amqtt logs every connection at INFO and its state machine library logs every transition.
-_NOISY_LOGGERS = ("amqtt", "transitions")
+NOISY_LOGGERS = ("amqtt", "transitions")
 
 
 @dataclass(frozen=True, slots=True)
-class _Settings:
+class BrokerSettings:
     host: str
     port: int
     username: str
@@ -102,7 +100,7 @@ class _SharedSecretAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
 _LISTENER = "default"
 
 
-def _broker_config(settings: _Settings) -> dict[str, Any]:
+def _broker_config(settings: BrokerSettings) -> dict[str, Any]:
     plugin = _SharedSecretAuthPlugin
     return {
         # "external": amqtt binds nothing; _Listener owns the socket and hands connections over.
@@ -118,9 +116,9 @@ def _broker_config(settings: _Settings) -> dict[str, Any]:
     }
 
 
-def _quiet_amqtt_logging() -> None:
+def quiet_amqtt_logging() -> None:
     """Raise amqtt's loggers to WARNING unless the application configured them already."""
-    for name in _NOISY_LOGGERS:
+    for name in NOISY_LOGGERS:
         named = logging.getLogger(name)
         if named.level == logging.NOTSET:
             named.setLevel(logging.WARNING)
@@ -135,7 +133,7 @@ class _Listener:
     ``asyncio.wait_for``: shutdown then waits forever for a connected subscriber.
     """
 
-    def __init__(self, broker: Broker, settings: _Settings) -> None:
+    def __init__(self, broker: Broker, settings: BrokerSettings) -> None:
         self._broker = broker
         self._settings = settings
         self._server: asyncio.Server | None = None
@@ -194,7 +192,9 @@ class _Listener:
                 )
 
 
-async def _serve(settings: _Settings, stop: asyncio.Event, on_ready: Callable[[], None]) -> None:
+async def serve(
+    settings: BrokerSettings, stop: asyncio.Event, on_ready: Callable[[], None]
+) -> None:
     """Run one broker until ``stop`` is set, then shut it down."""
     broker = Broker(_broker_config(settings))
     listener = _Listener(broker, settings)
@@ -233,7 +233,7 @@ class EmbeddedBroker:
         username: str = DEFAULT_BROKER_USERNAME,
         password: str = DEFAULT_BROKER_PASSWORD,
     ) -> None:
-        self._settings = _Settings(host, port, username, password)
+        self._settings = BrokerSettings(host, port, username, password)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -263,7 +263,7 @@ class EmbeddedBroker:
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         if self._thread is not None:
             raise ConfigError("the embedded broker is already running")
-        _quiet_amqtt_logging()
+        quiet_amqtt_logging()
         self._ready.clear()
         self._failure = None
         self._thread = threading.Thread(target=self._run, name="fedge-broker", daemon=True)
@@ -324,93 +324,4 @@ class EmbeddedBroker:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        await _serve(self._settings, self._stop, self._ready.set)
-
-
-async def _serve_until_signal(settings: _Settings, ready: threading.Event | None) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        if received:  # a second Ctrl-C: no clean shutdown wanted, leave now
-            os._exit(128 + signal.SIGINT)
-        received.append(signum)
-        stop.set()
-
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for signum in signals:
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        await _serve(settings, stop, ready.set if ready is not None else lambda: None)
-    finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
-    return received[0] if received else 0
-
-
-def run_embedded_broker(
-    host: str = DEFAULT_BROKER_HOST,
-    port: int = DEFAULT_BROKER_PORT,
-    *,
-    username: str = DEFAULT_BROKER_USERNAME,
-    password: str = DEFAULT_BROKER_PASSWORD,
-    ready: threading.Event | None = None,
-) -> int:
-    """Serve in the calling (main) thread until SIGTERM or SIGINT, then shut down cleanly.
-
-    Returns the signal that stopped it; a second signal exits the process at once.
-    ``ready`` is set once the port accepts connections. Raises :class:`TransportError`
-    if the broker cannot listen (port taken, address not local).
-    """
-    settings = _Settings(host, port, username, password)
-    _quiet_amqtt_logging()
-    return asyncio.run(_serve_until_signal(settings, ready))
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m runtime.broker",
-        description="Run fedge's embedded MQTT 3.1.1 broker (amqtt) until SIGTERM or SIGINT.",
-    )
-    parser.add_argument("--host", default=DEFAULT_BROKER_HOST, help="address to listen on")
-    parser.add_argument("--port", type=int, default=DEFAULT_BROKER_PORT, help="TCP port")
-    parser.add_argument("--username", default=DEFAULT_BROKER_USERNAME)
-    parser.add_argument(
-        "--password",
-        default=os.environ.get(PASSWORD_ENV_VAR, DEFAULT_BROKER_PASSWORD),
-        help=f"default: ${PASSWORD_ENV_VAR}, else {DEFAULT_BROKER_PASSWORD!r}",
-    )
-    parser.add_argument(
-        "--log-level",
-        default="WARNING",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="level of fedge's own messages (amqtt stays at WARNING unless DEBUG)",
-    )
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m runtime.broker``; returns the process exit status."""
-    args = _parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if args.log_level == "DEBUG":
-        # An explicit level: run_embedded_broker() only quietens loggers left at NOTSET.
-        for name in _NOISY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.DEBUG)
-    try:
-        stopped_by = run_embedded_broker(
-            args.host, args.port, username=args.username, password=args.password
-        )
-    except (TransportError, ConfigError) as exc:
-        logger.error("%s", exc)  # noqa: TRY400 - the message says it all; no traceback
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C before the loop's handlers were in place
-        return 128 + signal.SIGINT
-    return 128 + signal.SIGINT if stopped_by == signal.SIGINT else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        await serve(self._settings, self._stop, self._ready.set)
