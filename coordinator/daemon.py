@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
@@ -40,13 +40,26 @@ logger = logging.getLogger(__name__)
 COMMAND_TYPES = (StartRounds, StopRounds, Ping, RequestStatus)
 MAX_COMMAND_BYTES = 64 * 1024
 
-_CONFIG_OPTIONS = {
+
+def _flag(value: object) -> bool:
+    # bool("false") is True: a flag from a command line or JSON string must say what it means.
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{value!r} is not a yes/no value")
+
+
+_CONFIG_OPTIONS: dict[str, Callable[[Any], Any]] = {
     "epochs": int,
     "batch_size": int,
     "learning_rate": float,
     "proximal_mu": float,
     "update_encoding": str,
-    "augment": bool,
+    "augment": _flag,
     "seed": int,
     "min_samples": int,
 }
@@ -58,8 +71,19 @@ def plan_from_command(
     """Turn a start_rounds command into a plan; options split into round config and strategy.
 
     ``defaults`` (the task's training defaults) fill the round config where the command is
-    silent.
+    silent. Any option that does not fit raises :class:`FedgeError` with reason
+    ``bad_options``: the command comes from the network, so a wrong value is an answer,
+    never a crash.
     """
+    try:
+        return _plan(command, defaults)
+    except FedgeError:
+        raise
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        raise FedgeError(f"invalid round options: {exc}", reason="bad_options") from exc
+
+
+def _plan(command: StartRounds, defaults: Mapping[str, Any] | None) -> RoundPlan:
     config_fields: dict[str, Any] = dict(defaults or {})
     strategy_options: dict[str, Any] = {}
     max_update_norm = None
@@ -72,10 +96,7 @@ def plan_from_command(
             strategy_options[key] = value
     if "update_encoding" in config_fields:
         config_fields["update_encoding"] = UpdateEncoding(config_fields["update_encoding"])
-    try:
-        config = RoundConfig.model_validate(config_fields, strict=False)
-    except ValueError as exc:
-        raise FedgeError(f"invalid round options: {exc}", reason="bad_options") from exc
+    config = RoundConfig.model_validate(config_fields, strict=False)
     privacy = DpOptions.from_options(strategy_options)
     strategy_options = {
         k: v for k, v in strategy_options.items() if not k.startswith(DP_OPTION_PREFIX)
@@ -217,6 +238,11 @@ class Coordinator:
             detail = self._handle(command)
         except FedgeError as exc:
             self._ack(command, ok=False, reason=exc.reason, message=str(exc))
+            return
+        except Exception as exc:
+            # A bug, but the sender still gets an answer (and the log the traceback).
+            logger.exception("command %s failed", command.kind)  # type: ignore[attr-defined]
+            self._ack(command, ok=False, reason="internal", message=str(exc)[:1024])
             return
         self._ack(command, ok=True, detail=detail)
 

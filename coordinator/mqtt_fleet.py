@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 from coordinator.fleet import AgentInfo, Fleet, ReceivedUpdate
 from protocol.chunks import BlobManifest, Reassembler, parse_chunk, split_blob
-from protocol.errors import FedgeError
+from protocol.errors import ChunkError, FedgeError
 from protocol.messages.agent import AgentState, AgentStatus, ErrorEvent
 from protocol.messages.codec import decode_message, encode_message
 from protocol.messages.rounds import ModelRelease, RoundAnnouncement, UpdateComplete
 from protocol.signing import SigningKey
-from protocol.topics import ParsedTopic, TopicKind, Topics
+from protocol.topics import ParsedTopic, TopicKind, Topics, sender
 from runtime.mqtt import MqttLink
 
 __all__ = ["MqttFleet"]
@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 MAX_UPDATE_BYTES = 64 * 1024 * 1024
 MAX_PENDING_CHUNKS_PER_AGENT = 4096
 KEEP_RELEASES = 2  # weights blobs of older releases are removed from the broker
+MAX_STATUS_REPORTS = 1024  # distinct (topic, reason) pairs reported about agent statuses
 
 
 @dataclass
@@ -70,6 +71,7 @@ class MqttFleet(Fleet):
         # error event is sent per agent and reason, so a flood costs neither memory nor noise.
         self._selected: dict[int, frozenset[str]] = {}
         self._reported: set[tuple[int, str, str]] = set()
+        self._status_reported: set[tuple[str, str]] = set()
         self.bytes_published = 0
 
     # wiring: the daemon routes the link's messages here
@@ -79,11 +81,19 @@ class MqttFleet(Fleet):
 
     def on_message(self, topic: str, payload: bytes) -> None:
         try:
+            self._dispatch(topic, payload)
+        except Exception as exc:
+            # A bug, but still answered: the sender sees an event, the log the traceback.
+            logger.exception("message on %s failed", topic)
+            self.report_error("internal", f"message on {topic} failed: {exc!r}")
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        try:
             parsed = self.topics.parse(topic)
         except FedgeError:
             return
         if parsed.kind is TopicKind.AGENT_STATUS:
-            self._on_status(payload)
+            self._on_status(parsed, topic, payload)
         elif parsed.kind is TopicKind.COORDINATOR_COMMANDS and self._on_command:
             self._on_command(topic, payload)
         elif parsed.kind in {TopicKind.UPDATE_CHUNK, TopicKind.UPDATE_MANIFEST}:
@@ -138,11 +148,14 @@ class MqttFleet(Fleet):
         threading.Event().wait(seconds)
 
     # internals
-    def _on_status(self, payload: bytes) -> None:
+    def _on_status(self, parsed: ParsedTopic, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained status
         try:
             status = decode_message(payload, AgentStatus)
+            sender(parsed, status.agent)
         except FedgeError as exc:
-            logger.debug("ignoring unreadable agent status: %s", exc)
+            self._report_status_once(topic, exc.reason, f"agent status on {topic} refused: {exc}")
             return
         capabilities = status.capabilities
         info = AgentInfo(
@@ -153,6 +166,15 @@ class MqttFleet(Fleet):
         )
         with self._lock:
             self._agents[status.agent] = info
+
+    def _report_status_once(self, topic: str, reason: str, message: str) -> None:
+        with self._lock:
+            if len(self._status_reported) >= MAX_STATUS_REPORTS:
+                self._status_reported.clear()
+            first = (topic, reason) not in self._status_reported
+            self._status_reported.add((topic, reason))
+        if first:
+            self.report_error(reason, message)
 
     def _follow_round(self, round_number: int) -> None:
         new_filter = self.topics.round_updates(round_number)
@@ -182,14 +204,7 @@ class MqttFleet(Fleet):
             return
         try:
             if parsed.kind is TopicKind.UPDATE_MANIFEST:
-                complete = decode_message(payload, UpdateComplete)
-                if (complete.round, complete.agent) != key:
-                    self.report_error(
-                        "wrong_topic",
-                        f"update completion on {topic} names "
-                        f"round {complete.round} agent {complete.agent}",
-                    )
-                    return
+                complete = _completion_from(parsed, topic, payload)
                 self._on_complete(key, complete)
             else:
                 self._on_chunk(key, payload)
@@ -197,12 +212,17 @@ class MqttFleet(Fleet):
             self._report_once(key, exc.reason, f"update message on {topic} refused: {exc}")
 
     def _on_complete(self, key: tuple[int, str], complete: UpdateComplete) -> None:
-        manifest = BlobManifest(
-            sha256=complete.update_sha256,
-            size_bytes=complete.update_size_bytes,
-            chunk_bytes=complete.chunk_bytes,
-            chunk_count=complete.chunk_count,
-        )
+        try:
+            manifest = BlobManifest(
+                sha256=complete.update_sha256,
+                size_bytes=complete.update_size_bytes,
+                chunk_bytes=complete.chunk_bytes,
+                chunk_count=complete.chunk_count,
+            )
+        except ValueError as exc:  # pydantic's ValidationError: sizes that do not fit
+            raise ChunkError(
+                f"update completion does not describe a blob: {exc}", reason="bad_manifest"
+            ) from exc
         reassembler = Reassembler(manifest, max_blob_bytes=MAX_UPDATE_BYTES)
         with self._lock:
             pending = self._pending.setdefault(key, _PendingUpdate())
@@ -288,3 +308,14 @@ class MqttFleet(Fleet):
                 )
             self._published_blobs.discard(old.weights.sha256)
             self.link.publish(self.topics.model_manifest(old.version), b"", retain=True)
+
+
+def _completion_from(parsed: ParsedTopic, topic: str, payload: bytes) -> UpdateComplete:
+    """An update's completion message, if it speaks for the agent and round of its topic."""
+    complete = decode_message(payload, UpdateComplete)
+    sender(parsed, complete.agent)
+    if complete.round != parsed.round:
+        raise FedgeError(
+            f"update completion on {topic} names round {complete.round}", reason="wrong_topic"
+        )
+    return complete

@@ -36,6 +36,7 @@ __all__ = [
     "ParsedTopic",
     "TopicKind",
     "Topics",
+    "sender",
     "topic_matches",
     "validate_filter",
     "validate_id",
@@ -78,6 +79,22 @@ class ParsedTopic:
     version: str | None = None
     round: int | None = None
     index: int | None = None
+
+
+def sender(parsed: ParsedTopic, claimed: str | None = None) -> str:
+    """The agent a message came from: the one its topic names, never its payload's say-so.
+
+    The broker's ACL decides who may publish on which topic, so only the topic is evidence;
+    a payload naming another agent (``claimed``) is refused with reason ``wrong_agent``.
+    """
+    if parsed.agent is None:
+        raise TopicError(f"a {parsed.kind.value} topic names no agent", reason="wrong_topic")
+    if claimed is not None and claimed != parsed.agent:
+        raise TopicError(
+            f"a message on agent {parsed.agent}'s topic claims to come from agent {claimed}",
+            reason="wrong_agent",
+        )
+    return parsed.agent
 
 
 def validate_id(value: str, *, what: str = "id") -> str:

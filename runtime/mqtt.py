@@ -30,6 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 
 from protocol.errors import ConfigError, TransportError
 from runtime.address import BrokerAddress, Will, parse_broker_url
+from runtime.failures import HANDLER_FAILURES_ENV, record_handler_failure
 
 __all__ = [
     "BrokerAddress",
@@ -343,10 +344,16 @@ def _set_tcp_nodelay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
 
 
 def _call_safely(function: Callable[[], object], what: str) -> None:
+    """The last resort: a handler's exception stops here, so the network thread lives on.
+
+    Handlers are meant to answer every message themselves (an ack or an error event); an
+    exception that gets this far is a bug, logged and recorded as such.
+    """
     try:
         function()
-    except Exception:
+    except Exception as exc:
         logger.exception("%s failed; the connection carries on", what)
+        record_handler_failure(what, exc)
 
 
 def _nothing() -> None:

@@ -9,8 +9,10 @@ it), ``fresh_mosquitto`` (per test, free to stop, kill and restart) and ``amqtt_
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import re
+import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.failures import HANDLER_FAILURES_ENV
 from protocol.topics import Topics
 from tests.brokers import AmqttProcess, MosquittoProcess
 from tests.system_packages import ensure_program
@@ -32,6 +35,9 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Every MQTT link of this run, in this process or in any process it starts (agents,
+    # coordinators, the CLI), records here what reached its last-resort handler.
+    os.environ[HANDLER_FAILURES_ENV] = tempfile.mkdtemp(prefix="fedge-handler-failures-")
     config.addinivalue_line(
         "markers",
         f"{ALLOW_LOGGED_ERRORS}: the test expects errors logged with a traceback; do not fail it",
@@ -173,6 +179,43 @@ def logged_errors(request: pytest.FixtureRequest) -> Iterator[list[logging.LogRe
         pytest.fail(
             f"exceptions were logged during the test (mark it "
             f"@pytest.mark.{ALLOW_LOGGED_ERRORS} if expected):\n{details}",
+            pytrace=False,
+        )
+
+
+def _handler_failure_offsets(directory: Path) -> dict[Path, int]:
+    return {path: path.stat().st_size for path in directory.glob("*.jsonl")}
+
+
+@pytest.fixture(autouse=True)
+def handler_failures() -> Iterator[None]:
+    """Fail the test if any handler exception reached an MQTT link's last-resort handler.
+
+    Unlike ``logged_errors`` this watches child processes too (every ``MqttLink`` writes
+    such failures under ``$FEDGE_HANDLER_FAILURES_DIR``), and no marker turns it off: every
+    message must be answered by its handler, with an ack or an error event.
+    """
+    directory = Path(os.environ[HANDLER_FAILURES_ENV])
+    before = _handler_failure_offsets(directory)
+    yield
+    failures = []
+    for path, size in _handler_failure_offsets(directory).items():
+        if size > before.get(path, 0):
+            with path.open("rb") as recorded:
+                recorded.seek(before.get(path, 0))
+                failures += recorded.read().decode(errors="replace").splitlines()
+    if failures:
+        shown = []
+        for line in failures:
+            try:
+                failure = json.loads(line)
+                shown.append(f"process {failure['pid']}: {failure['what']}\n{failure['traceback']}")
+            except (ValueError, KeyError, TypeError):
+                shown.append(line)
+        pytest.fail(
+            f"{len(failures)} handler exception(s) reached the MQTT link's last-resort "
+            "handler (every message must be answered by its handler):\n"
+            + "\n".join(shown)[-20000:],
             pytrace=False,
         )
 

@@ -5,7 +5,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import FedgeError, TopicError
-from protocol.topics import ParsedTopic, TopicKind, Topics, topic_matches, validate_filter
+from protocol.topics import (
+    ParsedTopic,
+    TopicKind,
+    Topics,
+    sender,
+    topic_matches,
+    validate_filter,
+)
 
 TOPICS = Topics(root="site1/fedge", fleet="lab")
 
@@ -120,3 +127,14 @@ def test_parse_of_random_text_raises_only_fedge_errors(text: str) -> None:
     except FedgeError:
         return
     assert isinstance(parsed, ParsedTopic)
+
+
+def test_the_sender_is_the_agent_of_the_topic() -> None:
+    parsed = TOPICS.parse(TOPICS.agent_status("pi-1"))
+    assert sender(parsed) == "pi-1"
+    assert sender(parsed, "pi-1") == "pi-1"
+    with pytest.raises(TopicError) as refused:
+        sender(parsed, "pi-2")
+    assert refused.value.reason == "wrong_agent"
+    with pytest.raises(TopicError):
+        sender(TOPICS.parse(TOPICS.coordinator_status()))
