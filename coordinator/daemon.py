@@ -263,7 +263,10 @@ class Coordinator:
                 "next_round": self.state.last_round_number() + 1,
             }
         if isinstance(command, StopRounds):
-            self.runner.request_stop()
+            who = command.requested_by or "an unnamed sender"
+            self.runner.request_stop(
+                f"stop_rounds {command.command_id} from {who} ({command.reason})"
+            )
             return {"stopping": self.busy}
         online = sum(1 for a in self.fleet.agents().values() if a.online)
         return {

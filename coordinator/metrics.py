@@ -12,7 +12,7 @@ from coordinator.rounds import RoundOutcome
 __all__ = ["ROUND_BUCKETS_S", "RoundMeter"]
 
 ROUND_BUCKETS_S = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-OUTCOMES = ("done", "failed")
+OUTCOMES = ("done", "failed", "stopped")
 
 
 class RoundMeter:
@@ -26,7 +26,7 @@ class RoundMeter:
             registry=registry,
         )
         for outcome in OUTCOMES:
-            self.rounds.labels(outcome)  # both outcomes show 0 before the first round
+            self.rounds.labels(outcome)  # every outcome shows 0 before the first round
         self.round = Gauge(
             "fedge_coordinator_round", "The round running or last run.", registry=registry
         )
@@ -74,7 +74,8 @@ class RoundMeter:
 
     def outcome(self, outcome: RoundOutcome) -> None:
         self.round.set(outcome.round)
-        self.rounds.labels("done" if outcome.ok else "failed").inc()
+        label = "done" if outcome.ok else "stopped" if outcome.stopped else "failed"
+        self.rounds.labels(label).inc()
         if not outcome.ok:
             return
         if outcome.metrics.get("accuracy") is not None:

@@ -149,8 +149,10 @@ class MqttFleet(Fleet):
 
     # internals
     def _on_status(self, parsed: ParsedTopic, topic: str, payload: bytes) -> None:
-        if not payload:
-            return  # a cleared retained status
+        if not payload:  # a cleared retained status: the agent was retired
+            with self._lock:
+                self._agents.pop(parsed.agent or "", None)
+            return
         try:
             status = decode_message(payload, AgentStatus)
             sender(parsed, status.agent)

@@ -113,6 +113,7 @@ class RoundOutcome:
     reason: str | None
     metrics: dict[str, Any]
     privacy_stop: bool = False  # no round ran: the privacy budget could not pay for it
+    stopped: bool = False  # ended by a stop request before quorum, not by a missing quorum
 
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -138,6 +139,7 @@ class RoundRunner:
         self._on_outcome = on_outcome
         self._stop_requested = False
         self.privacy = RoundPrivacy(state)
+        self._stop_reason = "a stop was requested"
 
     # releases
     def current_release(self) -> ModelRelease:
@@ -161,7 +163,10 @@ class RoundRunner:
     def weights_of(self, release: ModelRelease) -> list[np.ndarray]:
         return decode_weights(self.state.blob(release.weights.sha256))
 
-    def request_stop(self) -> None:
+    def request_stop(self, why: str | None = None) -> None:
+        """Stop after the round that is running (closing it early); ``why`` is recorded."""
+        if why:
+            self._stop_reason = why
         self._stop_requested = True
 
     # the plan
@@ -259,6 +264,10 @@ class RoundRunner:
             able = sorted(a.agent for a in self.fleet.agents().values() if _can_train(a))
             if len(able) >= plan.min_agents:
                 break
+            if self._stop_requested:
+                raise FedgeError(
+                    f"round {round_number} not started: {self._stop_reason}", reason="stopped"
+                )
             if self.fleet.now() >= deadline:
                 raise FedgeError(
                     f"round {round_number}: only {len(able)} agents online that can train, "
@@ -304,6 +313,16 @@ class RoundRunner:
                 bytes_up += update.bytes_received
                 self._accept(update, announcement, base, plan)
         received = self.state.update_agents(number)
+        if len(received) < plan.min_agents and self._stop_requested:
+            reason = (
+                f"stopped with {len(received)} of {len(selected)} selected agents reported, "
+                f"{plan.min_agents} needed: {self._stop_reason}"
+            )
+            self.state.finish_round(number, state="stopped", reason=reason, metrics={})
+            logger.warning("round %d stopped: %s", number, reason)
+            return RoundOutcome(
+                number, ok=False, version=None, reason=reason, metrics={}, stopped=True
+            )
         if len(received) < plan.min_agents:
             reason = (
                 f"quorum not reached: {len(received)} of {len(selected)} selected agents "

@@ -500,6 +500,55 @@ def round_start(
     )
 
 
+@round_group.command("stop")
+@_broker_options
+@click.option("--reason", default="requested", show_default=True, help="Recorded with the round.")
+def round_stop(
+    broker_url: str,
+    *,
+    username: str | None,
+    password: str | None,
+    ca_file: Path | None,
+    fleet: str,
+    topic_root: str,
+    reason: str,
+) -> None:
+    """Ask the coordinator to close the running round now and run no further ones.
+
+    The round aggregates what it has if it has its quorum; otherwise it is recorded as
+    stopped, with this command's id, user@host and reason.
+
+    \b
+    Examples:
+      fedge round stop --reason "camera maintenance"
+    """
+    import getpass
+    import socket
+
+    from fedge.mqtt import parse_broker_url
+    from fedge.remote import send_command
+    from protocol.messages.commands import StopRounds
+    from protocol.topics import Topics
+
+    command = StopRounds(
+        command_id=_command_id(),
+        reason=reason[:1024],
+        requested_by=f"{getpass.getuser()}@{socket.gethostname()}"[:1024],
+    )
+    topics = Topics(root=topic_root, fleet=fleet)
+    with console.status("waiting for the coordinator's answer..."):
+        ack = send_command(
+            parse_broker_url(broker_url, username=username, password=password, ca_file=ca_file),
+            command_topic=topics.coordinator_commands(),
+            events_topic=topics.coordinator_events(),
+            command=command,
+        )
+    if not ack.ok:
+        raise click.ClickException(f"coordinator refused: {ack.message} ({ack.reason})")
+    running = "the running round closes now" if ack.detail.get("stopping") else "no round ran"
+    console.print(f"coordinator stopping: {running}")
+
+
 @round_group.command("status")
 @_broker_options
 @click.option("--watch", is_flag=True, help="Keep showing the live state until Ctrl-C.")

@@ -95,6 +95,9 @@ class StopRounds(Message):
     kind: Literal["stop_rounds"] = "stop_rounds"
     command_id: CommandId
     reason: ShortText = "requested"
+    # Who asked, as the sender says (``fedge round stop`` sends user@host); an operator
+    # signature, where the fleet requires one, is the proof.
+    requested_by: ShortText | None = None
 
 
 CoordinatorCommand = Annotated[

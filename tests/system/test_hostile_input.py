@@ -224,3 +224,56 @@ def test_an_update_completion_claiming_another_agent_is_refused(
     publish(client, module_topics.update_manifest(2, sender), encode_message(complete))
     event = _error_naming(collector, "wrong_agent", victim)
     assert sender in event.message
+
+
+# --- finding 5: a round ended by stop_rounds says so, and who asked ------------------------
+
+
+def test_a_round_ended_by_stop_rounds_says_so_and_who_asked(
+    coordinator: Coordinator,
+    module_topics: Topics,
+    stranger: Stranger,
+    mosquitto: MosquittoProcess,
+) -> None:
+    client, collector = stranger
+    silent = f"silent-{uuid.uuid4().hex[:6]}"
+    publish(client, module_topics.agent_status(silent), encode_message(_status(silent)))
+    collector.clear()
+    start_id, stop_id = f"start-{uuid.uuid4().hex[:6]}", f"stop-{uuid.uuid4().hex[:6]}"
+    start = {"kind": "start_rounds", "command_id": start_id, "rounds": 3, "deadline_s": 600}
+    publish(client, module_topics.coordinator_commands(), json.dumps(start).encode())
+    assert _ack_for(collector, start_id).ok
+    # The round is open once its announcement is retained; the silent agent never answers.
+    announced = MessageCollector()
+    watcher = mqtt_client(mosquitto, collector=announced)
+    try:
+        subscribe(watcher, module_topics.round_current())
+        announced.wait_for(bool, ANSWER_TIMEOUT_S)
+    finally:
+        disconnect(watcher)
+    stop = {
+        "kind": "stop_rounds",
+        "command_id": stop_id,
+        "reason": "maintenance",
+        "requested_by": "ops@hub",
+    }
+    publish(client, module_topics.coordinator_commands(), json.dumps(stop).encode())
+    assert _ack_for(collector, stop_id).detail["stopping"] is True
+    worker = coordinator._worker  # the rounds thread ends with the plan
+    assert worker is not None
+    worker.join(ANSWER_TIMEOUT_S)
+    assert not coordinator.busy
+    outcome = coordinator.outcomes[-1]
+    assert outcome.stopped
+    assert not outcome.ok
+    assert outcome.reason is not None
+    assert "quorum" not in outcome.reason
+    assert stop_id in outcome.reason
+    assert "ops@hub" in outcome.reason
+    assert "maintenance" in outcome.reason
+    record = coordinator.state.round(outcome.round)
+    assert record is not None
+    assert record.state == "stopped"
+    assert record.reason == outcome.reason
+    assert len([o for o in coordinator.outcomes if o.round >= outcome.round]) == 1  # no next
+    publish(client, module_topics.agent_status(silent), b"", retain=True)
