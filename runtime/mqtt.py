@@ -96,6 +96,7 @@ class MqttLink:
         self._last_error: str | None = None
         self._pending_acks: dict[int, AckCallback] = {}
         self._early_acks: set[int] = set()
+        self._early_subacks: set[int] = set()
         self.connect_count = 0
 
         client = paho.Client(
@@ -275,6 +276,10 @@ class MqttLink:
         if code != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             return  # not connected after all: the next connect subscribes again
         with self._lock:
+            # The SUBACK may have come back before subscribe() returned its message id.
+            if mid in self._early_subacks:
+                self._early_subacks.discard(mid)
+                return
             self._pending_subscribes.add(mid)
             self._settled.clear()
 
@@ -285,7 +290,10 @@ class MqttLink:
         if failures:
             logger.error("broker refused a subscription: %s", failures)
         with self._lock:
-            self._pending_subscribes.discard(mid)
+            if mid in self._pending_subscribes:
+                self._pending_subscribes.discard(mid)
+            else:
+                self._early_subacks.add(mid)
             if not self._pending_subscribes and self._connected.is_set():
                 self._settled.set()
 
@@ -297,6 +305,7 @@ class MqttLink:
         self._settled.clear()
         with self._lock:
             self._pending_subscribes.clear()
+            self._early_subacks.clear()
         if was_connected and not self._stopping.is_set():
             logger.warning("lost connection to %s: %s", self.address.redacted(), reason)
 
