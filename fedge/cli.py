@@ -525,10 +525,10 @@ def round_stop(
     import getpass
     import socket
 
-    from fedge.mqtt import parse_broker_url
     from fedge.remote import send_command
     from protocol.messages.commands import StopRounds
     from protocol.topics import Topics
+    from runtime.mqtt import parse_broker_url
 
     command = StopRounds(
         command_id=_command_id(),

@@ -23,6 +23,7 @@ import pytest
 
 from runtime.failures import HANDLER_FAILURES_ENV
 from protocol.topics import Topics
+from runtime.mqtt import HANDLER_FAILURES_ENV
 from tests.brokers import AmqttProcess, MosquittoProcess
 from tests.system_packages import ensure_program
 
