@@ -30,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 
 from protocol.errors import ConfigError, TransportError
 from runtime.address import BrokerAddress, Will, parse_broker_url
-from runtime.failures import HANDLER_FAILURES_ENV, record_handler_failure
+from runtime.failures import record_handler_failure
 
 __all__ = [
     "BrokerAddress",

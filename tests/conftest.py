@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.failures import HANDLER_FAILURES_ENV
 from protocol.topics import Topics
-from runtime.mqtt import HANDLER_FAILURES_ENV
+from runtime.failures import HANDLER_FAILURES_ENV
 from tests.brokers import AmqttProcess, MosquittoProcess
 from tests.system_packages import ensure_program
 
