@@ -27,10 +27,10 @@ import numpy as np
 
 from agent.augment import Augmenter
 from agent.model import ServingModel
-from agent.preprocess import decode_image, prepare_input
 from agent.privacy import LocalDp, privatise_update
 from agent.store import SampleStore
 from agent.training import TrainConfig, Trainer, make_trainer
+from agent.transfer_task import TransferTasks, sample_input
 from protocol.chunks import BlobManifest, split_blob
 from protocol.errors import FedgeError, ModelError
 from protocol.messages.codec import decode_message, encode_message
@@ -127,6 +127,7 @@ class FederatedClient:
         self.last_report: dict[str, float | int | None] = {}
         self._trainer: Trainer | None = None
         self._trainer_key: tuple[str, str, int] | None = None
+        self._transfer = TransferTasks(store=store, data_dir=data_dir, fetch=self.fetch)
 
     # lifecycle
     def start(self) -> None:
@@ -220,10 +221,16 @@ class FederatedClient:
         started = time.perf_counter()
         release = announcement.release
         weights = decode_weights(self.fetch(release.weights))
-        trainer = self._trainer_for(release)
-        trainer.set_weights(weights)
         config = announcement.config
-        x, y = self.dataset(release, augment_seed=config.seed if config.augment else None)
+        augment_seed = config.seed if config.augment else None
+        trainer: Trainer
+        if release.recipe == "transfer":
+            trainer = self._transfer.trainer(release, weights)
+            x, y = self._transfer.dataset(release, augment_seed=augment_seed)
+        else:
+            trainer = self._trainer_for(release)
+            trainer.set_weights(weights)
+            x, y = self.dataset(release, augment_seed=augment_seed)
         others = self.other_labels(release)
         if len(x) < config.min_samples:
             held = f"; samples of other labels, not used: {others}" if others else ""
@@ -338,15 +345,10 @@ class FederatedClient:
         for sample in sorted(self._store.samples(), key=lambda s: s.sample_id):
             if sample.label not in index:
                 continue
-            try:
-                image = decode_image(self._store.load_image(sample))
-            except FedgeError as exc:
-                logger.warning("sample %s unusable: %s", sample.sample_id, exc)
-                continue
-            if augmenter is not None:
-                image = augmenter.augment(image)
-            inputs.append(prepare_input(image, release.preprocess))
-            targets.append(index[sample.label])
+            image = sample_input(self._store, sample, release.preprocess, augmenter)
+            if image is not None:
+                inputs.append(image)
+                targets.append(index[sample.label])
         if not inputs:
             return np.zeros((0,), np.float32), np.zeros((0,), np.int32)
         return np.stack(inputs).astype(np.float32), np.asarray(targets, np.int32)
@@ -399,6 +401,12 @@ class FederatedClient:
     # hot swap
     def _maybe_swap(self, release: ModelRelease) -> None:
         if self._on_swap is None or release.round <= self._serving_round:
+            return
+        if release.recipe == "transfer":
+            weights = decode_weights(self.fetch(release.weights))
+            self._serving_round = release.round
+            self._on_swap(self._transfer.serving(release, weights))
+            logger.info("now serving fleet model %s (backbone and head)", release.version)
             return
         trainable = self.fetch(release.trainable)
         weights = decode_weights(self.fetch(release.weights))

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +194,7 @@ def federation(
     trainer: str = "litert",
     block_tensorflow: bool = True,
     per_agent: Mapping[str, Mapping[str, Any]] | None = None,
+    shares: Sequence[Path] | None = None,
     **agent_extra: Any,
 ) -> Iterator[Federation]:
     """Keys, data shares, agent processes; the caller starts the coordinator.
@@ -203,7 +204,8 @@ def federation(
     """
     fed = Federation(root=root, broker=broker, topics=topics)
     fed.key_paths = write_key_pair(root / "keys")
-    shares = write_agent_shares(root / "shares", num_agents)
+    if shares is None:  # the reference workload's digits
+        shares = write_agent_shares(root / "shares", num_agents)
     env = dict(os.environ)
     if block_tensorflow:
         blocker = no_tensorflow_path(root / "no-tensorflow")

@@ -78,6 +78,8 @@ class ModelRelease(Message):
     kind: Literal["model_release"] = "model_release"
     version: Id
     model_name: Id
+    # "transfer": ``trainable`` is the frozen backbone .tflite and ``weights`` the head's.
+    recipe: Literal["builtin", "transfer"] = "builtin"
     round: RoundNumber
     weights: BlobRef
     trainable: BlobRef
