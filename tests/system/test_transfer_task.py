@@ -19,6 +19,7 @@ from agent.transfer_task import Backbone
 from coordinator.rounds import RoundPlan
 from coordinator.task_producers import head_initial_weights
 from coordinator.transfer_workload import TASK_LABELS, TransferWorkload, write_transfer_workload
+from fedge.harness.federation import federation
 from protocol.messages.agent import InferenceResult
 from protocol.messages.codec import decode_message
 from protocol.messages.rounds import ModelRelease, RoundConfig, UpdateEncoding
@@ -33,7 +34,6 @@ from tests.brokers import (
     mqtt_client,
     subscribe,
 )
-from tests.system.federation import federation
 
 pytestmark = [pytest.mark.broker, pytest.mark.system]
 
