@@ -224,9 +224,11 @@ class FederatedClient:
         config = announcement.config
         augment_seed = config.seed if config.augment else None
         trainer: Trainer
+        evaluation = None
         if release.recipe == "transfer":
-            trainer = self._transfer.trainer(release, weights)
-            x, y = self._transfer.dataset(release, augment_seed=augment_seed)
+            head = self._transfer.trainer(release, weights)
+            x, y, evaluation = self._transfer.round_data(release, head, config)
+            trainer = head
         else:
             trainer = self._trainer_for(release)
             trainer.set_weights(weights)
@@ -270,6 +272,7 @@ class FederatedClient:
             loss=report.loss if np.isfinite(report.loss) else None,
             accuracy=report.val_accuracy,
             train_seconds=report.seconds,
+            evaluation=evaluation,
             clipped=clipped,
         )
         self._keep_update(number, blob, complete)

@@ -21,13 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from agent.augment import Augmenter
+from agent.evaluation import evaluate_model, held_out
 from agent.head import HeadTrainer
 from agent.model import ServingModel
 from agent.preprocess import decode_image, prepare_input
 from agent.runtime import TensorInfo, TfliteModel
 from agent.store import SampleStore, StoredSample
 from protocol.errors import FedgeError, ModelError
-from protocol.messages.rounds import BlobRef, ModelRelease
+from protocol.messages.evaluation import Evaluation
+from protocol.messages.rounds import BlobRef, ModelRelease, RoundConfig
 from protocol.preprocess import PreprocessSpec
 
 __all__ = ["Backbone", "TransferTasks", "sample_input"]
@@ -145,10 +147,28 @@ class TransferTasks:
             classifier=True,
         )
 
+    def round_data(
+        self, release: ModelRelease, head: HeadTrainer, config: RoundConfig
+    ) -> tuple[np.ndarray, np.ndarray, Evaluation | None]:
+        """The round's training embeddings and labels, and the evaluation of ``head``.
+
+        The held-out split (``config.eval_fraction``) is evaluated un-augmented and left out
+        of training; with augmentation the training part is embedded afresh.
+        """
+        x, y, ids = self.dataset(release)
+        held = held_out(ids, config.eval_fraction)
+        evaluation = evaluate_model(
+            head, x[held], y[held], classes=len(release.labels), version=release.version
+        )
+        if config.augment:
+            x, y, ids = self.dataset(release, augment_seed=config.seed)
+            held = held_out(ids, config.eval_fraction)
+        return x[~held], y[~held], evaluation
+
     def dataset(
         self, release: ModelRelease, *, augment_seed: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings and label indexes of the store's samples of the task, in a stable order."""
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Embeddings, label indexes and sample ids of the task's samples, in a stable order."""
         index = {label: i for i, label in enumerate(release.labels)}
         backbone = self.backbone(release)
         samples = [s for s in self._store.samples() if s.label in index]
@@ -175,10 +195,11 @@ class TransferTasks:
                 temporary.replace(cache / f"{sample.sample_id}.npy")
         kept = [s for s in samples if s.sample_id in features]
         if not kept:
-            return np.zeros((0, backbone.feature_size), np.float32), np.zeros((0,), np.int32)
+            empty = np.zeros((0, backbone.feature_size), np.float32)
+            return empty, np.zeros((0,), np.int32), []
         x = np.stack([features[s.sample_id] for s in kept]).astype(np.float32)
         y = np.asarray([index[s.label] for s in kept], np.int32)
-        return x, y
+        return x, y, [s.sample_id for s in kept]
 
     def _embed(
         self,

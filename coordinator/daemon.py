@@ -62,6 +62,7 @@ _CONFIG_OPTIONS: dict[str, Callable[[Any], Any]] = {
     "augment": _flag,
     "seed": int,
     "min_samples": int,
+    "eval_fraction": float,
 }
 
 
@@ -285,6 +286,7 @@ class Coordinator:
             "learning_rate": training.learning_rate,
             "validation_fraction": training.validation_fraction,
             "min_samples": training.min_samples,
+            "eval_fraction": training.eval_fraction,
         }
 
     def _ack(

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.dp import DpOptions, check_strategy
+from coordinator.federated_eval import federated_metrics, record_evaluation
 from coordinator.fleet import AgentInfo, Fleet, ReceivedUpdate
 from coordinator.private_rounds import RoundPrivacy
 from coordinator.state import CoordinatorState, StoredUpdate
@@ -395,6 +396,8 @@ class RoundRunner:
                 accuracy=complete.accuracy,
             )
         )
+        if stored:
+            record_evaluation(self.state, complete)
         if not stored:
             logger.info("duplicate update from %s for round %d ignored", agent, complete.round)
         elif plan.privacy is not None and plan.privacy.adaptive:
@@ -471,6 +474,7 @@ class RoundRunner:
             "version": release.version,
             "seconds": max(0.0, self.fleet.now() - started),
             **privacy_metrics,
+            **federated_metrics(self.state, number, agents),
         }
         self.state.finish_round(number, state="done", reason=None, metrics=metrics)
         logger.info(

@@ -97,6 +97,14 @@ class TrainingDefaults(Message):
     validation_fraction: Annotated[
         float, Field(ge=0.0, le=0.5, description="local hold-out reported in updates")
     ] = 0.0
+    eval_fraction: Annotated[
+        float,
+        Field(
+            ge=0.0,
+            le=0.5,
+            description="share of each agent's samples held out for federated evaluation",
+        ),
+    ] = 0.2
 
 
 class TaskSpec(Message):

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from protocol.messages.base import Id, Message, NonNegativeFloat, ShortText
+from protocol.messages.evaluation import Evaluation
 from protocol.preprocess import PreprocessSpec
 
 __all__ = [
@@ -105,6 +106,9 @@ class RoundConfig(Message):
     augment: bool = False  # augment training images as the preprocessing allows
     validation_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
     seed: Count = 0
+    # Share of each agent's samples held out (by a hash of the sample id, so the same ones
+    # every round) for federated evaluation; never trained on. 0 turns it off.
+    eval_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
     # DP-FedAvg: every agent clips its update (the change to the weights) to this L2 norm.
     clip_norm: Annotated[float, Field(gt=0.0, le=1e6)] | None = None
     # Fewer samples of the task's labels than this: the agent sits the round out.
@@ -141,6 +145,8 @@ class UpdateComplete(Message):
     train_seconds: NonNegativeFloat = 0.0
     # With a clip norm: whether the update's norm was above it (adaptive clipping counts them).
     clipped: bool | None = None
+    # Federated evaluation of the round's starting model on the agent's held-out split.
+    evaluation: Evaluation | None = None
 
 
 class CoordinatorState(StrEnum):

@@ -54,7 +54,7 @@ def test_embeddings_are_computed_once_per_backbone_and_match_it(
 
     tasks = TransferTasks(store=store, data_dir=tmp_path, fetch=fetch)
     release = _release(content, "a" * 64, ("0", "1", "2", "3"))
-    x, y = tasks.dataset(release)
+    x, y, _ = tasks.dataset(release)
     wanted = [s for s in store.samples() if s.label in release.labels]
     assert len(x) == len(wanted) == len(y)
     cache = tmp_path / "embeddings" / ("a" * 64)
@@ -65,7 +65,7 @@ def test_embeddings_are_computed_once_per_backbone_and_match_it(
     expected = Backbone(content).embed(image[np.newaxis])[0]
     np.testing.assert_allclose(x[0], expected, atol=1e-6)
     # Again: read from the cache (the same values), the backbone fetched once.
-    again, _ = tasks.dataset(release)
+    again, _, _ = tasks.dataset(release)
     np.testing.assert_array_equal(again, x)
     assert fetched == ["a" * 64]
     # A new backbone version gets its own embeddings.
