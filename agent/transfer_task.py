@@ -32,7 +32,7 @@ from protocol.messages.evaluation import Evaluation
 from protocol.messages.rounds import BlobRef, ModelRelease, RoundConfig
 from protocol.preprocess import PreprocessSpec
 
-__all__ = ["Backbone", "TransferTasks", "sample_input"]
+__all__ = ["Backbone", "ServedTransferModel", "TransferTasks", "sample_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Backbone:
         return np.concatenate(parts).astype(np.float32)
 
 
-class _ComposedModel:
+class ServedTransferModel:
     """Backbone then head, behind the interface the agent's pipeline serves through."""
 
     def __init__(self, backbone: Backbone, head: HeadTrainer, classes: int) -> None:
@@ -136,7 +136,7 @@ class TransferTasks:
         return head
 
     def serving(self, release: ModelRelease, weights: list[np.ndarray]) -> ServingModel:
-        model = _ComposedModel(
+        model = ServedTransferModel(
             self.backbone(release), self.trainer(release, weights), len(weights[-1])
         )
         return ServingModel(

@@ -404,8 +404,19 @@ def round_group() -> None:
     show_default=True,
     help="How agents encode their updates.",
 )
-@click.option("--epochs", default=1, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--lr", "learning_rate", default=0.05, show_default=True, type=float)
+@click.option(
+    "--epochs",
+    default=None,
+    type=click.IntRange(1, 1000),
+    help="Local epochs (default: the task's, else 1).",
+)
+@click.option(
+    "--lr",
+    "learning_rate",
+    default=None,
+    type=float,
+    help="Local learning rate (default: the task's, else 0.05).",
+)
 @click.option(
     "--option",
     "options",
@@ -465,9 +476,12 @@ def round_start(
 
     options: dict[str, str | int | float | bool] = {
         "update_encoding": str(settings.pop("update_encoding")),
-        "epochs": int(settings.pop("epochs")),  # type: ignore[call-overload]
-        "learning_rate": float(settings.pop("learning_rate")),  # type: ignore[arg-type]
     }
+    # Left out when not given, so the coordinator's task defaults apply.
+    for key in ("epochs", "learning_rate"):
+        value = settings.pop(key)
+        if value is not None:
+            options[key] = value  # type: ignore[assignment]
     for item in settings.pop("options"):  # type: ignore[attr-defined]
         key, separator, value = str(item).partition("=")
         if not separator or not key:

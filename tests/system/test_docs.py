@@ -66,6 +66,7 @@ def test_every_script_the_readme_names_exists() -> None:
     for program in (
         "bench/inference.py",
         "bench/federated.py",
+        "bench/transfer.py",
         "bench/make_models.py",
         "deploy/pi/install.sh",
     ):
