@@ -1,0 +1,1 @@
+"""The ``fedge`` command families, one module each; ``fedge.cli`` gathers them."""

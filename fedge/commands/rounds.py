@@ -1,0 +1,380 @@
+"""``fedge coordinator`` and ``fedge round``: run the coordinator, start, stop and watch rounds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from fedge.commands.common import CONFIG_OPTION, console
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["coordinator", "round_group"]
+
+
+# --- coordinator and rounds ---------------------------------------------------------------
+
+
+@click.group()
+def coordinator() -> None:
+    """Run the federated-learning coordinator."""
+
+
+@coordinator.command("run")
+@CONFIG_OPTION
+@click.option("--broker", "broker_url", default=None, help="mqtt://host:port or mqtts://...")
+@click.option("--fleet", default=None, help="Fleet name (default: default).")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the state database and the signing key live.",
+)
+@click.option(
+    "--model",
+    "model_name",
+    type=click.Choice(["digits_cnn", "digits_mlp"]),
+    default=None,
+    help="Model to train (default: digits_cnn).",
+)
+@click.option(
+    "--task",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A task file (TOML: labels, recipe, preprocessing, training); replaces --model.",
+)
+def coordinator_run(config_path: Path | None, **overrides: object) -> None:
+    """Run the coordinator until Ctrl-C or SIGTERM; rounds start with `fedge round start`.
+
+    On first start it creates a signing key in DATA_DIR/keys; copy fedge.pub to every
+    agent (`coordinator_key` in the agent's config).
+
+    \b
+    Examples:
+      fedge coordinator run --broker mqtt://hub.local:1883
+      fedge coordinator run --config /etc/fedge/coordinator.toml
+      fedge coordinator run --task door.toml
+    """
+    from coordinator.config import load_coordinator_config
+    from coordinator.daemon import Coordinator
+    from fedge.interrupts import StopSignals
+
+    config = load_coordinator_config(config_path, **overrides)
+    console.print("coordinator starting (building the model takes a few seconds)...")
+    with StopSignals() as stops:
+        daemon = Coordinator(config)
+        stops.on_stop(daemon.request_stop)
+        console.print(
+            f"coordinator for fleet [bold]{config.fleet}[/] on {daemon.link.address.redacted()}; "
+            f"agents need {config.signing_key_path.with_suffix('.pub')}"
+        )
+        daemon.run_forever()
+        console.print("coordinator stopped")
+    stops.exit_if_interrupted()
+
+
+_BROKER_OPTIONS = [
+    click.option(
+        "--broker",
+        "broker_url",
+        default="mqtt://127.0.0.1:1883",
+        show_default=True,
+        envvar="FEDGE_BROKER_URL",
+        help="Broker URL.",
+    ),
+    click.option("--username", default=None, envvar="FEDGE_USERNAME"),
+    click.option("--password", default=None, envvar="FEDGE_PASSWORD"),
+    click.option(
+        "--ca-file",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        default=None,
+        envvar="FEDGE_CA_FILE",
+        help="CA certificate for mqtts://.",
+    ),
+    click.option("--fleet", default="default", show_default=True, envvar="FEDGE_FLEET"),
+    click.option(
+        "--root", "topic_root", default="fedge", show_default=True, envvar="FEDGE_TOPIC_ROOT"
+    ),
+]
+
+
+def _broker_options(function: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(_BROKER_OPTIONS):
+        function = option(function)
+    return function
+
+
+@click.group("round")
+def round_group() -> None:
+    """Start federated rounds and watch them."""
+
+
+@round_group.command("start")
+@_broker_options
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--min-agents", default=1, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--fraction",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="Share of the able agents selected each round.",
+)
+@click.option(
+    "--deadline", default="60s", show_default=True, help="Per-round deadline, e.g. 30s, 2m."
+)
+@click.option(
+    "--strategy",
+    default="fedavg",
+    show_default=True,
+    help="fedavg, fedprox, fedadam, fedyogi, trimmed_mean, median.",
+)
+@click.option(
+    "--encoding",
+    "update_encoding",
+    type=click.Choice(["float32", "float16", "int8"]),
+    default="float32",
+    show_default=True,
+    help="How agents encode their updates.",
+)
+@click.option(
+    "--epochs",
+    default=None,
+    type=click.IntRange(1, 1000),
+    help="Local epochs (default: the task's, else 1).",
+)
+@click.option(
+    "--lr",
+    "learning_rate",
+    default=None,
+    type=float,
+    help="Local learning rate (default: the task's, else 0.05).",
+)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Strategy option, e.g. --option mu=0.1 --option clip_norm=5.",
+)
+@click.option(
+    "--dp-noise-multiplier",
+    type=click.FloatRange(0.0, min_open=True),
+    default=None,
+    help="DP-FedAvg: Gaussian noise on the sum of clipped updates, in units of the clip norm.",
+)
+@click.option(
+    "--dp-clip-norm",
+    type=click.FloatRange(0.0, min_open=True),
+    default=None,
+    help="DP-FedAvg: every update is clipped to this L2 norm (the first one when adaptive).",
+)
+@click.option("--dp-adaptive", is_flag=True, help="DP-FedAvg: adapt the clip norm each round.")
+@click.option(
+    "--dp-target-epsilon",
+    type=click.FloatRange(0.0, min_open=True),
+    default=None,
+    help="DP-FedAvg: stop before a round would spend more than this epsilon.",
+)
+@click.option(
+    "--dp-delta",
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    default=1e-5,
+    show_default=True,
+    help="DP-FedAvg: the delta epsilon is reported and budgeted at.",
+)
+def round_start(
+    broker_url: str,
+    *,
+    username: str | None,
+    password: str | None,
+    ca_file: Path | None,
+    fleet: str,
+    topic_root: str,
+    **settings: object,
+) -> None:
+    """Ask the running coordinator to run federated rounds, and wait for its answer.
+
+    \b
+    Examples:
+      fedge round start --rounds 30 --min-agents 8 --deadline 30s
+      fedge round start --strategy fedadam --option eta=0.01 --encoding int8
+      fedge round start --rounds 30 --dp-noise-multiplier 1.0 --dp-clip-norm 0.5 \\
+          --dp-target-epsilon 8
+    """
+    from fedge.remote import send_command
+    from protocol.messages.commands import StartRounds
+    from protocol.topics import Topics
+    from runtime.mqtt import parse_broker_url
+
+    options: dict[str, str | int | float | bool] = {
+        "update_encoding": str(settings.pop("update_encoding")),
+    }
+    # Left out when not given, so the coordinator's task defaults apply.
+    for key in ("epochs", "learning_rate"):
+        value = settings.pop(key)
+        if value is not None:
+            options[key] = value  # type: ignore[assignment]
+    for item in settings.pop("options"):  # type: ignore[attr-defined]
+        key, separator, value = str(item).partition("=")
+        if not separator or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
+        options[key] = _option_value(value)
+    options.update(_dp_options(settings))
+    command = StartRounds(
+        command_id=_command_id(),
+        rounds=int(settings["rounds"]),  # type: ignore[call-overload]
+        min_agents=int(settings["min_agents"]),  # type: ignore[call-overload]
+        fraction=float(settings["fraction"]),  # type: ignore[arg-type]
+        deadline_s=_seconds(str(settings["deadline"])),
+        strategy=str(settings["strategy"]),
+        options=options,
+    )
+    topics = Topics(root=topic_root, fleet=fleet)
+    with console.status("waiting for the coordinator's answer..."):
+        ack = send_command(
+            parse_broker_url(broker_url, username=username, password=password, ca_file=ca_file),
+            command_topic=topics.coordinator_commands(),
+            events_topic=topics.coordinator_events(),
+            command=command,
+        )
+    if not ack.ok:
+        raise click.ClickException(f"coordinator refused: {ack.message} ({ack.reason})")
+    console.print(
+        f"coordinator accepted: {command.rounds} rounds of {command.strategy}, "
+        f"starting with round {ack.detail.get('next_round')}; "
+        "watch with `fedge round status --watch`"
+    )
+
+
+@round_group.command("stop")
+@_broker_options
+@click.option("--reason", default="requested", show_default=True, help="Recorded with the round.")
+def round_stop(
+    broker_url: str,
+    *,
+    username: str | None,
+    password: str | None,
+    ca_file: Path | None,
+    fleet: str,
+    topic_root: str,
+    reason: str,
+) -> None:
+    """Ask the coordinator to close the running round now and run no further ones.
+
+    The round aggregates what it has if it has its quorum; otherwise it is recorded as
+    stopped, with this command's id, user@host and reason.
+
+    \b
+    Examples:
+      fedge round stop --reason "camera maintenance"
+    """
+    import getpass
+    import socket
+
+    from fedge.remote import send_command
+    from protocol.messages.commands import StopRounds
+    from protocol.topics import Topics
+    from runtime.mqtt import parse_broker_url
+
+    command = StopRounds(
+        command_id=_command_id(),
+        reason=reason[:1024],
+        requested_by=f"{getpass.getuser()}@{socket.gethostname()}"[:1024],
+    )
+    topics = Topics(root=topic_root, fleet=fleet)
+    with console.status("waiting for the coordinator's answer..."):
+        ack = send_command(
+            parse_broker_url(broker_url, username=username, password=password, ca_file=ca_file),
+            command_topic=topics.coordinator_commands(),
+            events_topic=topics.coordinator_events(),
+            command=command,
+        )
+    if not ack.ok:
+        raise click.ClickException(f"coordinator refused: {ack.message} ({ack.reason})")
+    running = "the running round closes now" if ack.detail.get("stopping") else "no round ran"
+    console.print(f"coordinator stopping: {running}")
+
+
+@round_group.command("status")
+@_broker_options
+@click.option("--watch", is_flag=True, help="Keep showing the live state until Ctrl-C.")
+def round_status(
+    broker_url: str,
+    *,
+    username: str | None,
+    password: str | None,
+    ca_file: Path | None,
+    fleet: str,
+    topic_root: str,
+    watch: bool,
+) -> None:
+    """Show the coordinator's state: round, agents online, updates received, time left.
+
+    \b
+    Examples:
+      fedge round status
+      fedge round status --watch
+    """
+    from fedge.remote import show_status
+    from protocol.topics import Topics
+    from runtime.mqtt import parse_broker_url
+
+    show_status(
+        parse_broker_url(broker_url, username=username, password=password, ca_file=ca_file),
+        Topics(root=topic_root, fleet=fleet),
+        console=console,
+        watch=watch,
+    )
+
+
+def _seconds(text: str) -> float:
+    # "30s", "2m", "500ms": pydantic and isodate read ISO 8601 ("PT30S"), which nobody types;
+    # pytimeparse would read "1h30m" too, but as a dependency of every install (agents
+    # included) for one option of one command, where these ten lines give a precise error.
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            number = text[: -len(unit)]
+            break
+    else:
+        unit, number = "s", text
+    try:
+        value = float(number) * units[unit]
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{text!r} is not a duration like 30s or 2m", param_hint="--deadline"
+        ) from exc
+    if value <= 0:
+        raise click.BadParameter("the deadline must be positive", param_hint="--deadline")
+    return value
+
+
+def _dp_options(settings: dict[str, object]) -> dict[str, str | int | float | bool]:
+    """The --dp-* flags as the coordinator's dp_* options; none unless DP was asked for."""
+    values = {name: settings.pop(name) for name in [k for k in settings if k.startswith("dp_")]}
+    if values["dp_noise_multiplier"] is None and values["dp_clip_norm"] is None:
+        return {}
+    chosen = {k: v for k, v in values.items() if v is not None and v is not False}
+    return {k: v if isinstance(v, bool) else float(v) for k, v in chosen.items()}  # type: ignore[arg-type]
+
+
+def _option_value(text: str) -> str | int | float | bool:
+    if text.lower() in {"true", "false"}:
+        return text.lower() == "true"
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            continue
+    return text
+
+
+def _command_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:16]
