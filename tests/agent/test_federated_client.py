@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +12,13 @@ import pytest
 from agent.federated import FederatedClient
 from agent.store import SampleStore
 from coordinator.reference import digit_images_uint8, digit_png, load_digits_split
-from protocol.messages.rounds import BlobRef, ModelRelease
+from coordinator.tflite_export import ReferenceModels
+from protocol.errors import FedgeError
+from protocol.messages.rounds import BlobRef, ModelRelease, RoundAnnouncement, RoundConfig
 from protocol.preprocess import ColorOrder, PreprocessSpec
 from protocol.signing import SigningKey
 from protocol.topics import Topics
+from protocol.updates import encode_weights
 from runtime.mqtt import MqttLink, parse_broker_url
 
 SHA = "ab" * 32
@@ -83,3 +88,50 @@ def test_augmented_dataset_is_seeded_and_differs_from_the_plain_one(
     assert not np.array_equal(first, plain)
     assert not np.array_equal(first, other)
     assert len(labels) == len(plain)
+
+
+def _transfer_announcement(
+    client: FederatedClient, tmp_path: Path, backbone: bytes, labels: tuple[str, ...], **config: int
+) -> RoundAnnouncement:
+    """A transfer round whose blobs are already in the agent's cache."""
+    head = encode_weights(
+        [np.zeros((10, len(labels)), np.float32), np.zeros(len(labels), np.float32)]
+    )
+    refs = []
+    for blob in (head, backbone):
+        sha = hashlib.sha256(blob).hexdigest()
+        (tmp_path / "federated" / "blobs" / sha).write_bytes(blob)
+        refs.append(BlobRef(sha256=sha, size_bytes=len(blob), chunk_count=1, chunk_bytes=len(blob)))
+    release = ModelRelease(
+        version="r0",
+        model_name="task",
+        recipe="transfer",
+        round=0,
+        weights=refs[0],
+        trainable=refs[1],
+        labels=labels,
+        preprocess=PreprocessSpec(height=8, width=8, color=ColorOrder.GRAY),
+    )
+    return RoundAnnouncement(
+        round=1,
+        release=release,
+        selected=("a1",),
+        config=RoundConfig(**config),
+        deadline_at=time.time() + 600,
+        issued_at=time.time(),
+    )
+
+
+def test_an_agent_without_the_tasks_labels_sits_out_with_a_reason(
+    client: FederatedClient, tmp_path: Path, reference_models: ReferenceModels
+) -> None:
+    backbone = reference_models.digits_float32.read_bytes()
+    nothing = _transfer_announcement(client, tmp_path, backbone, ("door", "parcel"))
+    with pytest.raises(FedgeError, match="0 samples of the task's labels") as caught:
+        client._on_announcement(nothing)
+    assert caught.value.reason == "no_samples"
+    assert "cat" in str(caught.value)  # other labels are counted and named
+    few = _transfer_announcement(client, tmp_path, backbone, ("cat", "0"), min_samples=1000)
+    with pytest.raises(FedgeError, match="the round needs 1000") as caught:
+        client._on_announcement(few)
+    assert caught.value.reason == "too_few_samples"
