@@ -91,7 +91,12 @@ def test_augmented_dataset_is_seeded_and_differs_from_the_plain_one(
 
 
 def _transfer_announcement(
-    client: FederatedClient, tmp_path: Path, backbone: bytes, labels: tuple[str, ...], **config: int
+    client: FederatedClient,
+    tmp_path: Path,
+    backbone: bytes,
+    labels: tuple[str, ...],
+    *,
+    min_samples: int = 1,
 ) -> RoundAnnouncement:
     """A transfer round whose blobs are already in the agent's cache."""
     head = encode_weights(
@@ -116,7 +121,7 @@ def _transfer_announcement(
         round=1,
         release=release,
         selected=("a1",),
-        config=RoundConfig(**config),
+        config=RoundConfig(min_samples=min_samples),
         deadline_at=time.time() + 600,
         issued_at=time.time(),
     )
