@@ -62,6 +62,10 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            # Kept in memory: a COUNT(*) per message scans the table, O(backlog) per frame
+            # exactly when the backlog is large.
+            (rows,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            self._rows = int(rows)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the outbox at {path}: {exc}") from exc
 
@@ -85,6 +89,7 @@ class Outbox:
                 (topic, payload, qos, int(retain), int(droppable)),
             )
             row_id = cursor.lastrowid
+            self._rows += 1
             self._enforce_bound()
         assert row_id is not None
         return OutboxItem(row_id, topic, payload, qos, retain)
@@ -95,7 +100,7 @@ class Outbox:
                 # An ack racing a shutdown: the row stays and is sent again next start.
                 logger.debug("ack for row %d after close; it will be resent", row_id)
                 return
-            self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+            self._rows -= self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,)).rowcount
 
     def pending(self) -> list[OutboxItem]:
         """Every row not yet acknowledged, oldest first."""
@@ -107,8 +112,7 @@ class Outbox:
 
     def __len__(self) -> int:
         with self._lock:
-            (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-        return int(count)
+            return self._rows
 
     @property
     def dropped(self) -> int:
@@ -118,7 +122,7 @@ class Outbox:
         return int(row[0]) if row else 0
 
     def _enforce_bound(self) -> None:
-        (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        count = self._rows
         excess = count - self.max_rows
         if excess <= 0:
             return
@@ -127,6 +131,7 @@ class Outbox:
             "(SELECT id FROM outbox WHERE droppable = 1 ORDER BY id LIMIT ?)",
             (excess,),
         ).rowcount
+        self._rows -= removed
         if removed:
             self._db.execute(
                 "INSERT INTO counters (name, value) VALUES ('dropped', ?) "

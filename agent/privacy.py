@@ -22,9 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import dp_accounting
 import numpy as np
-from dp_accounting.rdp import rdp_privacy_accountant
 
 from protocol.errors import ConfigError
 from protocol.updates import clip_update
@@ -56,6 +54,11 @@ class LocalDp:
             temporary = self.ledger_path.with_suffix(".tmp")
             temporary.write_text(json.dumps({"rounds": rounds}))
             temporary.replace(self.ledger_path)
+        # Imported here: dp_accounting pulls in scipy.stats and scipy.signal, about 0.5 s and
+        # tens of MB at every agent's start-up, for agents that never use local DP.
+        import dp_accounting
+        from dp_accounting.rdp import rdp_privacy_accountant
+
         accountant = rdp_privacy_accountant.RdpAccountant()
         accountant.compose(dp_accounting.GaussianDpEvent(self.noise_multiplier), rounds)
         return float(accountant.get_epsilon(self.delta))

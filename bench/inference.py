@@ -7,16 +7,18 @@ untrained float32 CNN with a 224x224x3 input (JPEG frames of scikit-image's phot
 640x480). For each model and each run:
 
 - bare: ``decode_image`` -> ``prepare_input`` -> ``TfliteModel.predict`` per frame, timed;
-- throughput: an in-process agent behind a real Mosquitto gets every frame from a camera
-  of its own (so latest-frame-wins drops none), published as fast as possible; frames/s is
-  frames over the time from the first publish to the last result;
+- throughput: the agent, a ``fedge agent run`` process of its own (TensorFlow blocked, as on
+  a Pi) behind a real Mosquitto, gets every frame from a camera of its own (so
+  latest-frame-wins drops none), published as fast as possible; frames/s is frames over the
+  time from the first publish to the last result; the agent process's CPU time (user plus
+  system, all threads) per frame, beside the bare loop's CPU time per frame;
 - latency: one enveloped frame at a time, publish -> result round trip; a bare MQTT round
   trip of the same payload (QoS 1, the same client) and a bare frame are measured right
   after each, so the agent's added latency is ``p50(round trip) - p50(bare frame) -
   p50(broker round trip)``; the results' own ``timings`` show the agent's stages.
 
-The agent runs in this process, so its threads share the interpreter lock with the
-publishing and subscribing client: per-message Python costs count on both sides.
+- the agent process's start-up time (spawn to its retained ``online`` status, model loaded)
+  and its resident memory (now and peak) after the runs.
 
 Prints medians over the runs with their spread (min-max) and writes everything as JSON.
 """
@@ -42,8 +44,6 @@ import cv2
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from agent.config import load_agent_config
-from agent.daemon import Agent
 from agent.model import ServingModel, load_serving_model
 from agent.preprocess import decode_image, prepare_input
 from coordinator.reference import (
@@ -53,6 +53,7 @@ from coordinator.reference import (
 )
 from coordinator.tflite_export import ReferenceModels, write_reference_models
 from fedge.harness.clients import disconnect, mqtt_client, subscribe
+from fedge.harness.measured import MeasuredAgent
 from protocol.errors import MessageError
 from protocol.frames import FrameMeta, encode_envelope
 from protocol.messages.agent import InferenceResult
@@ -234,11 +235,14 @@ def _bare_frame(serving: ServingModel, image: bytes) -> tuple[float, float, floa
 
 def _bare_loop(serving: ServingModel, workload: Workload) -> dict[str, Any]:
     count = workload.sizes.throughput_frames
+    cpu_before = time.thread_time()
     stages = [_bare_frame(serving, workload.frame(i)) for i in range(count)]
+    cpu_ms_per_frame = (time.thread_time() - cpu_before) * MS_PER_S / count
     decode_ms, prepare_ms, invoke_ms = zip(*stages, strict=True)
     total_ms = [sum(frame) for frame in stages]
     return {
         "fps": count / (sum(total_ms) / MS_PER_S),
+        "cpu_ms_per_frame": cpu_ms_per_frame,
         "p50_ms": _percentile(total_ms, 50),
         "p99_ms": _percentile(total_ms, 99),
         "decode_p50_ms": _percentile(decode_ms, 50),
@@ -297,6 +301,7 @@ class Arrivals:
 @dataclass(slots=True)
 class Link:
     client: mqtt.Client
+    agent: MeasuredAgent
     arrivals: Arrivals
     topics: Topics
     echo_topic: str
@@ -314,6 +319,7 @@ def _throughput(link: Link, workload: Workload, run: int) -> dict[str, Any]:
         (link.topics.camera_frames(f"t{run}-cam{i}"), _envelope(workload.frame(i), ids[i]))
         for i in range(count)
     ]
+    cpu_before = link.agent.cpu_s()
     started = time.perf_counter()
     for topic, payload in payloads:
         link.client.publish(topic, payload, qos=1)
@@ -321,8 +327,9 @@ def _throughput(link: Link, workload: Workload, run: int) -> dict[str, Any]:
         lambda: all(frame_id in link.arrivals.results for frame_id in ids),
         f"{count} throughput results",
     )
+    cpu_ms_per_frame = (link.agent.cpu_s() - cpu_before) * MS_PER_S / count
     finished = max(link.arrivals.results[frame_id][0] for frame_id in ids)
-    return {"fps": count / (finished - started)}
+    return {"fps": count / (finished - started), "cpu_ms_per_frame": cpu_ms_per_frame}
 
 
 def _latency(link: Link, serving: ServingModel, workload: Workload, run: int) -> dict[str, Any]:
@@ -370,19 +377,19 @@ def _agent_behind_broker(
     broker.start()
     try:
         topics = Topics(fleet="bench")
-        config = load_agent_config(
-            broker_url=broker.url,
-            agent_id=AGENT_ID,
-            fleet=topics.fleet,
-            topic_root=topics.root,
-            data_dir=workdir / "agent",
-            status_interval_s=3600.0,
-            model_path=workload.model,
-            labels_path=workload.labels,
-            preprocess_path=workload.preprocess,
-            model_version=f"{workload.name}-bench",
-            reliable_results=reliable_results,
-        )
+        settings = {
+            "broker_url": broker.url,
+            "agent_id": AGENT_ID,
+            "fleet": topics.fleet,
+            "topic_root": topics.root,
+            "data_dir": workdir / "agent",
+            "status_interval_s": 3600.0,
+            "model_path": workload.model,
+            "labels_path": workload.labels,
+            "preprocess_path": workload.preprocess,
+            "model_version": f"{workload.name}-bench",
+            "reliable_results": reliable_results,
+        }
         # Another root, so the agent never sees the echoes.
         echo_topic = Topics(root="bench-echo", fleet="bench").camera_frames("echo")
         arrivals = Arrivals(topics.agent_results(AGENT_ID), echo_topic)
@@ -391,14 +398,10 @@ def _agent_behind_broker(
         try:
             subscribe(client, topics.agent_results(AGENT_ID), qos=1)
             subscribe(client, echo_topic, qos=1)
-            agent = Agent(config)
-            agent.start(wait_connected_s=AGENT_CONNECT_TIMEOUT_S)
-            try:
-                link = Link(client, arrivals, topics, echo_topic)
+            with MeasuredAgent(broker, topics, settings, workdir / "agent") as agent:
+                link = Link(client, agent, arrivals, topics, echo_topic)
                 _warm_up(link, workload)
                 yield link
-            finally:
-                agent.stop()
         finally:
             disconnect(client)
     finally:
@@ -435,6 +438,11 @@ def _measure(workload: Workload, runs: int, *, reliable_results: bool) -> dict[s
             )
             per_run.append(
                 {
+                    "agent_startup_s": link.agent.startup_s,
+                    "agent_memory": link.agent.memory_bytes(),
+                    "cpu_beyond_bare_ms_per_frame": (
+                        throughput["cpu_ms_per_frame"] - bare["cpu_ms_per_frame"]
+                    ),
                     "bare": bare,
                     "agent_throughput": throughput,
                     "agent_latency": latency,
@@ -473,6 +481,12 @@ _SUMMARY_FIELDS: dict[str, Callable[[dict[str, Any]], float]] = {
     "agent_total_p50_ms": lambda r: r["agent_latency"]["agent_total_p50_ms"],
     "internal_overhead_p50_ms": lambda r: r["internal_overhead_p50_ms"],
     "added_p50_ms": lambda r: r["added_p50_ms"],
+    "bare_cpu_ms_per_frame": lambda r: r["bare"]["cpu_ms_per_frame"],
+    "agent_cpu_ms_per_frame": lambda r: r["agent_throughput"]["cpu_ms_per_frame"],
+    "cpu_beyond_bare_ms_per_frame": lambda r: r["cpu_beyond_bare_ms_per_frame"],
+    "agent_startup_s": lambda r: r["agent_startup_s"],
+    "agent_rss_mb": lambda r: r["agent_memory"]["rss"] / 2**20,
+    "agent_peak_rss_mb": lambda r: r["agent_memory"]["peak_rss"] / 2**20,
 }
 
 
@@ -503,7 +517,10 @@ def _headlines(results: dict[str, dict[str, Any]]) -> list[str]:
             f"{name}: agent/bare throughput {s['throughput_ratio']['median']:.2f}x, "
             f"added p50 latency {s['added_p50_ms']['median']:.1f} ms beyond one broker "
             f"round trip ({s['broker_round_trip_p50_ms']['median']:.1f} ms); agent's own "
-            f"stages {s['internal_overhead_p50_ms']['median']:+.2f} ms against the bare loop"
+            f"stages {s['internal_overhead_p50_ms']['median']:+.2f} ms against the bare loop; "
+            f"agent CPU {s['cpu_beyond_bare_ms_per_frame']['median']:+.2f} ms/frame beyond "
+            f"the bare loop; start-up {s['agent_startup_s']['median']:.1f} s, peak RSS "
+            f"{s['agent_peak_rss_mb']['median']:.0f} MB"
         )
     return lines
 
