@@ -46,6 +46,12 @@ class RoundMeter:
             "Held-out accuracy of the newest round's model.",
             registry=registry,
         )
+        self.federated_accuracy = Gauge(
+            "fedge_coordinator_federated_accuracy",
+            "Federated evaluation: agents' held-out accuracy of the model the newest round "
+            "started from, weighted by examples.",
+            registry=registry,
+        )
         self.epsilon = Gauge(
             "fedge_coordinator_privacy_epsilon",
             "DP-FedAvg: epsilon spent so far (at the plan's delta), by the RDP accountant.",
@@ -80,6 +86,8 @@ class RoundMeter:
             return
         if outcome.metrics.get("accuracy") is not None:
             self.accuracy.set(float(outcome.metrics["accuracy"]))
+        if outcome.metrics.get("federated_accuracy") is not None:
+            self.federated_accuracy.set(float(outcome.metrics["federated_accuracy"]))
         if outcome.metrics.get("dp_epsilon") is not None:
             self.epsilon.set(float(outcome.metrics["dp_epsilon"]))
         self.seconds.observe(float(outcome.metrics.get("seconds", 0.0)))

@@ -47,6 +47,7 @@ COORDINATOR_METRICS: Mapping[str, tuple[str, tuple[str, ...]]] = {
     "fedge_coordinator_updates_total": ("counter", ()),
     "fedge_coordinator_update_bytes_total": ("counter", ()),
     "fedge_coordinator_accuracy": ("gauge", ()),
+    "fedge_coordinator_federated_accuracy": ("gauge", ()),
     "fedge_coordinator_round_seconds": ("histogram", ()),
 }
 # What the library's process, platform and GC collectors add to every daemon.
@@ -192,7 +193,7 @@ def test_the_round_meter_counts_each_update_once() -> None:
     # Progress carries running totals: 1 then 3 updates of round 5 are 3 updates, not 4.
     meter.progress({"round": 5, "received": 1, "bytes_up": 100})
     meter.progress({"round": 5, "received": 3, "bytes_up": 350})
-    meter.outcome(_outcome(5, ok=True, accuracy=0.75, seconds=12.0))
+    meter.outcome(_outcome(5, ok=True, accuracy=0.75, federated_accuracy=0.5, seconds=12.0))
     meter.progress({"round": 6, "received": 2, "bytes_up": 200})
     meter.outcome(_outcome(6, ok=False))
     end = _render(registry)
@@ -203,6 +204,7 @@ def test_the_round_meter_counts_each_update_once() -> None:
     assert end.value("fedge_coordinator_rounds_total", outcome="done") == 1
     assert end.value("fedge_coordinator_rounds_total", outcome="failed") == 1
     assert end.value("fedge_coordinator_accuracy") == 0.75  # a failed round leaves it
+    assert end.value("fedge_coordinator_federated_accuracy") == 0.5
     assert end.value("fedge_coordinator_round_seconds_bucket", le="10.0") == 0
     assert end.value("fedge_coordinator_round_seconds_bucket", le="30.0") == 1
     assert end.value("fedge_coordinator_round_seconds_count") == 1
