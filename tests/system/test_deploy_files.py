@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from agent.config import load_agent_config
+from tests.system_packages import ensure_program
 
 pytestmark = pytest.mark.system
 
@@ -157,10 +158,10 @@ def test_install_script_is_valid_bash() -> None:
     assert "set -euo pipefail" in INSTALL_SH.read_text()
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_install_script_passes_shellcheck() -> None:
+    shellcheck = ensure_program("shellcheck", ["shellcheck"])
     result = subprocess.run(
-        ["shellcheck", str(INSTALL_SH)], capture_output=True, text=True, check=False
+        [str(shellcheck), str(INSTALL_SH)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout
 
