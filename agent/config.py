@@ -35,6 +35,11 @@ class AgentConfig(FedgeSettings):
     labels_path: Path | None = None
     preprocess_path: Path | None = None
     model_version: str = "local"
+    # load_model commands read only regular files under these directories (resolved,
+    # symlinks included) and no larger than max_model_bytes. Empty: <data_dir>/models and
+    # the directory of model_path.
+    models_dirs: tuple[Path, ...] = ()
+    max_model_bytes: Annotated[int, Field(ge=1024)] = 512 * 1024 * 1024
     runtime: Literal["auto", "litert", "tflite_runtime", "tensorflow"] = "auto"
     num_threads: Annotated[int, Field(ge=1, le=64)] = 1
     max_fps: Annotated[float, Field(gt=0.0, le=1000.0)] | None = None
@@ -80,6 +85,15 @@ class AgentConfig(FedgeSettings):
             return tuple(validate_filter(topic_filter) for topic_filter in value)
         except TopicError as exc:
             raise ValueError(str(exc)) from exc
+
+    @property
+    def effective_models_dirs(self) -> tuple[Path, ...]:
+        if self.models_dirs:
+            return self.models_dirs
+        dirs = [self.data_dir / "models"]
+        if self.model_path is not None:
+            dirs.append(self.model_path.parent)
+        return tuple(dirs)
 
     @property
     def effective_frame_topics(self) -> tuple[str, ...]:

@@ -104,6 +104,8 @@ def served_ssd(
         labels_path=ssd_detector.labels,
         preprocess_path=ssd_detector.preprocess,
         model_version="ssd-1",
+        # load_model reads only under its models directories: every detector of the session
+        models_dirs=[str(tmp_path.parent)],
     )
     write_agent_toml(config, settings)
     photos = tmp_path / "photos"
