@@ -17,6 +17,7 @@ from coordinator.dp import DP_OPTION_PREFIX, DpOptions, check_strategy
 from coordinator.metrics import RoundMeter
 from coordinator.mqtt_fleet import MqttFleet
 from coordinator.private_rounds import REFUSED_REASON
+from coordinator.recovery import RetainedKeeper
 from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
 from coordinator.state import CoordinatorState
 from coordinator.strategies import make_strategy
@@ -161,6 +162,11 @@ class Coordinator:
         self._ready = threading.Event()
         self._progress: dict[str, Any] = {}
         self.outcomes: list[RoundOutcome] = []
+        self.keeper = RetainedKeeper(
+            current_manifest_topic=self._current_manifest_topic,
+            republish=self._republish_retained,
+        )
+        self.fleet.on_own_retained = self.keeper.on_retained
 
     # lifecycle
     def start(self, *, wait_connected_s: float = 30.0) -> None:
@@ -226,7 +232,22 @@ class Coordinator:
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.fleet.on_message(topic, payload)
 
-    def _on_connected(self, _session_present: bool) -> None:
+    def _on_connected(self, session_present: bool) -> None:
+        self._publish_status(self._phase())
+        if self._ready.is_set():  # start() publishes the release after the first connect
+            self.keeper.on_connected(session_present)
+
+    def _current_manifest_topic(self) -> str | None:
+        version = self.state.get("current_version")
+        return self.topics.model_manifest(version) if version else None
+
+    def _republish_retained(self, _why: str) -> None:
+        """Everything retained the coordinator owns: release, blobs, announcement, status."""
+        self.fleet.forget_published()
+        self.runner.republish_current()
+        announcement = self.runner.open_announcement()
+        if announcement is not None:
+            self.fleet.announce(announcement)
         self._publish_status(self._phase())
 
     def _on_command(self, topic: str, payload: bytes) -> None:

@@ -72,12 +72,21 @@ class MqttFleet(Fleet):
         self._selected: dict[int, frozenset[str]] = {}
         self._reported: set[tuple[int, str, str]] = set()
         self._status_reported: set[tuple[str, str]] = set()
+        self.on_own_retained: Callable[[str, bytes], None] | None = None
         self.bytes_published = 0
 
     # wiring: the daemon routes the link's messages here
     def subscribe(self) -> None:
         self.link.subscribe(self.topics.all_agent_statuses(), qos=1)
         self.link.subscribe(self.topics.coordinator_commands(), qos=1)
+        # Our own retained releases come back on every (re)subscribe: proof the broker
+        # still has them (coordinator.recovery).
+        self.link.subscribe(self.topics.all_model_manifests(), qos=1)
+
+    def forget_published(self) -> None:
+        """The broker lost its retained messages: the next release publishes every blob."""
+        with self._lock:
+            self._published_blobs.clear()
 
     def on_message(self, topic: str, payload: bytes) -> None:
         try:
@@ -98,6 +107,8 @@ class MqttFleet(Fleet):
             self._on_command(topic, payload)
         elif parsed.kind in {TopicKind.UPDATE_CHUNK, TopicKind.UPDATE_MANIFEST}:
             self._on_update_message(parsed, topic, payload)
+        elif parsed.kind is TopicKind.MODEL_MANIFEST and self.on_own_retained is not None:
+            self.on_own_retained(topic, payload)
 
     # Fleet
     def agents(self) -> dict[str, AgentInfo]:

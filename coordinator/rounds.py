@@ -161,6 +161,13 @@ class RoundRunner:
         self.fleet.publish_release(release, blobs)
         return release
 
+    def open_announcement(self) -> RoundAnnouncement | None:
+        """The announcement of the round still collecting updates, if one is."""
+        last = self.state.round(self.state.last_round_number())
+        if last is None or last.state != "announced" or self.state.get("announcement") is None:
+            return None
+        return RoundAnnouncement.model_validate_json(_dumps(self.state.get("announcement")))
+
     def weights_of(self, release: ModelRelease) -> list[np.ndarray]:
         return decode_weights(self.state.blob(release.weights.sha256))
 

@@ -1,0 +1,76 @@
+"""Putting the coordinator's retained messages back when the broker has lost them.
+
+fedge keeps the fleet's shared state in retained messages: the current release's manifest
+and blob chunks, the round announcement, the coordinator's status. A broker restarted
+without persistence, restarted from a database older than its last changes (Mosquitto
+saves every ``autosave_interval``), or a recreated container, has forgotten some or all of
+them, and agents then wait for chunks that never come. So after every reconnect:
+
+- session present false: the broker has forgotten us, so it has forgotten our retained
+  messages too; republish everything at once;
+- session present true: the broker's database may still be older than our last
+  release; re-subscribing brings the retained manifest of the current release back, and
+  if it has not come within ``RETAINED_CHECK_S``, republish everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+__all__ = ["RETAINED_CHECK_S", "RetainedKeeper"]
+
+logger = logging.getLogger(__name__)
+
+RETAINED_CHECK_S = 5.0
+
+
+class RetainedKeeper:
+    """Watches for the current release's retained manifest; calls ``republish`` when lost."""
+
+    def __init__(
+        self,
+        *,
+        current_manifest_topic: Callable[[], str | None],
+        republish: Callable[[str], None],
+        check_s: float = RETAINED_CHECK_S,
+    ) -> None:
+        self._current = current_manifest_topic
+        self._republish = republish
+        self._check_s = check_s
+        self._seen = threading.Event()
+        self._lock = threading.Lock()
+        self._generation = 0
+        self.republished = 0  # how many times the broker had to be told again
+
+    def on_retained(self, topic: str, payload: bytes) -> None:
+        """A message on a model manifest topic (network thread)."""
+        if payload and topic == self._current():
+            self._seen.set()
+
+    def on_connected(self, session_present: bool) -> None:
+        """After a reconnect (network thread): check, or republish, in a thread of its own."""
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+        self._seen.clear()
+        why = None if session_present else "the broker had no session for the coordinator"
+        threading.Thread(
+            target=self._check, args=(generation, why), name="coordinator-retained", daemon=True
+        ).start()
+
+    def _check(self, generation: int, why: str | None) -> None:
+        if why is None:
+            if self._current() is None or self._seen.wait(self._check_s):
+                return
+            why = "the current release's retained manifest is missing on the broker"
+        with self._lock:
+            if generation != self._generation:
+                return  # a newer connection checks for itself
+        self.republished += 1
+        logger.warning("%s: republishing the coordinator's retained messages", why)
+        try:
+            self._republish(why)
+        except Exception:
+            logger.exception("republishing the retained messages failed")
