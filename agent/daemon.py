@@ -8,6 +8,7 @@ worker answers commands. Everything that must arrive goes through the outbox.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -24,6 +25,7 @@ from agent.federated import FederatedClient
 from agent.intake import FrameIntake, PendingFrame
 from agent.metrics import AgentReadings, register_agent_metrics
 from agent.model import ServingModel, load_serving_model
+from agent.model_files import confined_file
 from agent.outbox import Outbox
 from agent.pipeline import FrameProcessor, InferenceOptions
 from agent.privacy import LocalDp
@@ -352,12 +354,19 @@ class Agent:
                 "load_model needs a path on the agent (fleet versions arrive with rounds)",
                 reason="bad_command",
             )
-        path = Path(command.path)
+        roots, limit = self.config.effective_models_dirs, self.config.max_model_bytes
+        path = confined_file(command.path, roots, max_bytes=limit, what="model")
+        labels = None
+        if command.labels_path:
+            labels = confined_file(command.labels_path, roots, max_bytes=limit, what="labels")
+        preprocess = _sibling(path, "preprocess.json")
+        if preprocess is not None:
+            preprocess = confined_file(str(preprocess), roots, max_bytes=limit, what="spec")
         serving = load_serving_model(
             path,
             version=command.version or path.stem,
-            labels_path=Path(command.labels_path) if command.labels_path else None,
-            preprocess_path=_sibling(path, "preprocess.json"),
+            labels_path=labels,
+            preprocess_path=preprocess,
             num_threads=self.config.num_threads,
             runtime=None if self.config.runtime == "auto" else self.config.runtime,
         )
@@ -420,6 +429,8 @@ class Agent:
                 dropped_rate=counts.dropped_rate,
                 rejected=counts.rejected,
             ),
+            resident_bytes=resident_bytes(),
+            waiting_for=self.federated.waiting_for if self.federated is not None else None,
         )
 
     def _readings(self) -> AgentReadings:
@@ -439,7 +450,10 @@ class Agent:
         self._trainers = available_trainers()
         kind = self.config.trainer
         if kind == "auto":
-            kind = "keras" if "keras" in self._trainers else "litert"
+            # LiteRT first: the Keras trainer loads TensorFlow (hundreds of MB resident),
+            # which an agent that serves and trains in LiteRT never needs. Keras only
+            # when configured, or when nothing else can train here.
+            kind = "litert" if "litert" in self._trainers else "keras"
         if kind not in self._trainers:
             raise ConfigError(
                 f"trainer {kind!r} is not available here (available: {self._trainers})"
@@ -455,6 +469,7 @@ class Agent:
             verify_key=load_verify_key(self.config.coordinator_key),
             trainer_kind=kind,
             on_swap=self._swap if self.config.follow_fleet_models else None,
+            on_waiting=self._publish_status,
             local_dp=self._local_dp(),
         )
 
@@ -543,3 +558,12 @@ class Agent:
 def _sibling(path: Path, name: str) -> Path | None:
     candidate = path.with_name(name)
     return candidate if candidate.is_file() else None
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory, from /proc (Linux); None where there is none."""
+    try:
+        fields = Path("/proc/self/statm").read_text().split()
+        return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

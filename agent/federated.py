@@ -96,6 +96,7 @@ class FederatedClient:
         verify_key: VerifyKey,
         trainer_kind: str,
         on_swap: SwapCallback | None = None,
+        on_waiting: Callable[[], None] | None = None,
         local_dp: LocalDp | None = None,
     ) -> None:
         self.agent_id = agent_id
@@ -110,6 +111,10 @@ class FederatedClient:
         self._key = verify_key
         self._trainer_kind = trainer_kind
         self._on_swap = on_swap
+        self._on_waiting = on_waiting
+        # What this client waits for, for the agent's status: e.g. a blob's retained chunks
+        # that a broker which lost its state no longer has (until the coordinator resends).
+        self.waiting_for: str | None = None
         self._local_dp = local_dp
         self._jobs: queue.Queue[_Job] = queue.Queue()
         self._fetchers: dict[str, BlobFetcher] = {}
@@ -388,6 +393,10 @@ class FederatedClient:
         )
         with self._fetch_lock:
             self._fetchers[ref.sha256] = fetcher
+        self._waiting(
+            f"the {ref.chunk_count} retained chunks of blob {ref.sha256[:12]} "
+            f"({ref.size_bytes} bytes)"
+        )
         try:
             fetcher.start()
             data = fetcher.wait(timeout_s)
@@ -395,11 +404,19 @@ class FederatedClient:
             fetcher.stop()
             with self._fetch_lock:
                 self._fetchers.pop(ref.sha256, None)
+            self._waiting(None)
         temporary = cached.with_suffix(".tmp")
         temporary.write_bytes(data)
         temporary.replace(cached)
         fetcher.discard_spool()
         return data
+
+    def _waiting(self, what: str | None) -> None:
+        self.waiting_for = what
+        if what is not None:
+            logger.info("waiting for %s", what)
+        if self._on_waiting is not None:
+            self._on_waiting()
 
     # hot swap
     def _maybe_swap(self, release: ModelRelease) -> None:

@@ -62,6 +62,8 @@ class AgentStatus(Message):
     capabilities: Capabilities | None = None
     samples_by_label: dict[Label, Count] = Field(default_factory=dict)
     frames: FrameCounters | None = None
+    resident_bytes: Count | None = None  # the agent process's resident memory (RSS)
+    waiting_for: ShortText | None = None  # what the agent waits for, e.g. a release's chunks
 
 
 class Prediction(Message):
