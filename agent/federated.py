@@ -47,6 +47,7 @@ __all__ = ["FederatedClient", "TrainableServingModel"]
 logger = logging.getLogger(__name__)
 
 BLOB_TIMEOUT_S = 120.0
+FETCH_STALL_S = 10.0  # no new chunk for this long: say so in the status (the owner resends)
 ROUNDS_REMEMBERED = 64
 
 M = TypeVar("M", RoundAnnouncement, ModelRelease)
@@ -115,6 +116,7 @@ class FederatedClient:
         # What this client waits for, for the agent's status: e.g. a blob's retained chunks
         # that a broker which lost its state no longer has (until the coordinator resends).
         self.waiting_for: str | None = None
+        self.stalled_blob: str | None = None
         self._local_dp = local_dp
         self._jobs: queue.Queue[_Job] = queue.Queue()
         self._fetchers: dict[str, BlobFetcher] = {}
@@ -399,17 +401,35 @@ class FederatedClient:
         )
         try:
             fetcher.start()
-            data = fetcher.wait(timeout_s)
+            data = self._wait_for(fetcher, ref, timeout_s)
         finally:
             fetcher.stop()
             with self._fetch_lock:
                 self._fetchers.pop(ref.sha256, None)
+            self.stalled_blob = None
             self._waiting(None)
         temporary = cached.with_suffix(".tmp")
         temporary.write_bytes(data)
         temporary.replace(cached)
         fetcher.discard_spool()
         return data
+
+    def _wait_for(self, fetcher: BlobFetcher, ref: BlobRef, timeout_s: float) -> bytes:
+        """The blob; a fetch that stalls is announced in the status until chunks come again."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            seen = fetcher.chunks_new
+            slice_s = min(FETCH_STALL_S, max(0.0, deadline - time.monotonic()))
+            try:
+                return fetcher.wait(slice_s)
+            except FedgeError as exc:
+                if exc.reason != "timeout" or time.monotonic() >= deadline:
+                    raise
+            stalled = fetcher.chunks_new == seen
+            if stalled != (self.stalled_blob is not None):
+                self.stalled_blob = ref.sha256 if stalled else None
+                state = "stalled, asking the coordinator to resend" if stalled else "resumed"
+                self._waiting(f"the retained chunks of blob {ref.sha256[:12]} ({state})")
 
     def _waiting(self, what: str | None) -> None:
         self.waiting_for = what

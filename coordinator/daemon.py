@@ -165,8 +165,10 @@ class Coordinator:
         self.keeper = RetainedKeeper(
             current_manifest_topic=self._current_manifest_topic,
             republish=self._republish_retained,
+            resend_blob=self._resend_blob,
         )
         self.fleet.on_own_retained = self.keeper.on_retained
+        self.fleet.on_stalled_blob = self.keeper.on_stalled_blob
 
     # lifecycle
     def start(self, *, wait_connected_s: float = 30.0) -> None:
@@ -240,6 +242,15 @@ class Coordinator:
     def _current_manifest_topic(self) -> str | None:
         version = self.state.get("current_version")
         return self.topics.model_manifest(version) if version else None
+
+    def _resend_blob(self, digest: str) -> bool:
+        """A blob of ours an agent could not fetch, published again; False if not ours."""
+        try:
+            data = self.state.blob(digest)
+        except FedgeError:
+            return False  # not a blob this coordinator holds: nothing to resend
+        self.fleet.republish_blob(digest, data)
+        return True
 
     def _republish_retained(self, _why: str) -> None:
         """Everything retained the coordinator owns: release, blobs, announcement, status."""

@@ -73,6 +73,7 @@ class MqttFleet(Fleet):
         self._reported: set[tuple[int, str, str]] = set()
         self._status_reported: set[tuple[str, str]] = set()
         self.on_own_retained: Callable[[str, bytes], None] | None = None
+        self.on_stalled_blob: Callable[[str], None] | None = None
         self.bytes_published = 0
 
     # wiring: the daemon routes the link's messages here
@@ -82,6 +83,12 @@ class MqttFleet(Fleet):
         # Our own retained releases come back on every (re)subscribe: proof the broker
         # still has them (coordinator.recovery).
         self.link.subscribe(self.topics.all_model_manifests(), qos=1)
+
+    def republish_blob(self, digest: str, data: bytes) -> None:
+        """One blob's retained chunks again (an agent's fetch of it stalled)."""
+        _, chunks = split_blob(data, max_chunk_bytes=self._max_chunk_bytes)
+        for index, chunk in enumerate(chunks):
+            self.link.publish(self.topics.blob_chunk(digest, index), chunk, retain=True)
 
     def forget_published(self) -> None:
         """The broker lost its retained messages: the next release publishes every blob."""
@@ -179,6 +186,8 @@ class MqttFleet(Fleet):
         )
         with self._lock:
             self._agents[status.agent] = info
+        if status.stalled_blob is not None and self.on_stalled_blob is not None:
+            self.on_stalled_blob(status.stalled_blob)
 
     def _report_status_once(self, topic: str, reason: str, message: str) -> None:
         with self._lock:

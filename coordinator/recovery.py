@@ -11,12 +11,19 @@ them, and agents then wait for chunks that never come. So after every reconnect:
 - session present true: the broker's database may still be older than our last
   release; re-subscribing brings the retained manifest of the current release back, and
   if it has not come within ``RETAINED_CHECK_S``, republish everything.
+
+A manifest that came back does not prove its chunks did: a message the broker had
+acknowledged after its last autosave is gone, while one still unacknowledged at the crash
+is sent again by our client. So agents also say in their status which blob's fetch
+stalled, and the coordinator publishes that blob's chunks again (at most once per blob
+every ``BLOB_RESEND_S``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 __all__ = ["RETAINED_CHECK_S", "RetainedKeeper"]
@@ -24,6 +31,8 @@ __all__ = ["RETAINED_CHECK_S", "RetainedKeeper"]
 logger = logging.getLogger(__name__)
 
 RETAINED_CHECK_S = 5.0
+BLOB_RESEND_S = 10.0
+MAX_TRACKED_BLOBS = 256
 
 
 class RetainedKeeper:
@@ -34,10 +43,13 @@ class RetainedKeeper:
         *,
         current_manifest_topic: Callable[[], str | None],
         republish: Callable[[str], None],
+        resend_blob: Callable[[str], bool],
         check_s: float = RETAINED_CHECK_S,
     ) -> None:
         self._current = current_manifest_topic
         self._republish = republish
+        self._resend_blob = resend_blob
+        self._resent_at: dict[str, float] = {}
         self._check_s = check_s
         self._seen = threading.Event()
         self._lock = threading.Lock()
@@ -48,6 +60,29 @@ class RetainedKeeper:
         """A message on a model manifest topic (network thread)."""
         if payload and topic == self._current():
             self._seen.set()
+
+    def on_stalled_blob(self, digest: str) -> None:
+        """An agent's status says a fetch of ``digest`` stalled (network thread)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._resent_at.get(digest, -BLOB_RESEND_S) < BLOB_RESEND_S:
+                return
+            if len(self._resent_at) >= MAX_TRACKED_BLOBS:  # statuses are anyone's to forge
+                self._resent_at.clear()
+            self._resent_at[digest] = now
+        threading.Thread(
+            target=self._resend, args=(digest,), name="coordinator-resend", daemon=True
+        ).start()
+
+    def _resend(self, digest: str) -> None:
+        try:
+            if self._resend_blob(digest):
+                self.republished += 1
+                logger.warning(
+                    "an agent's fetch of blob %s stalled: chunks sent again", digest[:12]
+                )
+        except Exception:
+            logger.exception("resending blob %s failed", digest[:12])
 
     def on_connected(self, session_present: bool) -> None:
         """After a reconnect (network thread): check, or republish, in a thread of its own."""

@@ -64,6 +64,9 @@ class AgentStatus(Message):
     frames: FrameCounters | None = None
     resident_bytes: Count | None = None  # the agent process's resident memory (RSS)
     waiting_for: ShortText | None = None  # what the agent waits for, e.g. a release's chunks
+    # A blob whose retained chunks stopped coming (a broker that lost them): its owner,
+    # the coordinator, publishes them again.
+    stalled_blob: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
 class Prediction(Message):
