@@ -95,3 +95,18 @@ def test_a_backbone_the_release_spec_cannot_feed_is_refused(
     )
     with pytest.raises(ModelError, match="does not feed the backbone"):
         tasks.dataset(wrong)
+
+
+def test_an_int8_backbone_gives_the_float_backbones_features(
+    reference_models: ReferenceModels,
+) -> None:
+    images, _ = held_out_digits(20)
+    x = np.stack([prepare_input(decode_image(image), _SPEC) for image in images])
+    float_features = Backbone(reference_models.digits_float32.read_bytes()).embed(x)
+    int8 = Backbone(reference_models.digits_int8.read_bytes())
+    assert int8.model.input_details.dtype == "int8"
+    int8_features = int8.embed(x)
+    assert int8_features.shape == float_features.shape
+    # Quantisation moves each feature a little; the features still agree on each image.
+    np.testing.assert_allclose(int8_features, float_features, atol=0.1)
+    assert (np.argmax(int8_features, axis=1) == np.argmax(float_features, axis=1)).mean() >= 0.9
