@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "TRAINABLE_SIGNATURES",
+    "attach_weight_signatures",
     "build_trainable_module",
     "import_tf",
 ]
@@ -315,18 +316,26 @@ def build_trainable_module(
             variable.assign_sub(lr * grad)
         return {"loss": loss}
 
+    module.infer = tf.function(infer, input_signature=[x_spec])
+    module.train = tf.function(train, input_signature=train_specs)
+    attach_weight_signatures(tf, module, variables)
+    return module
+
+
+def attach_weight_signatures(tf: Any, module: Any, variables: Sequence[Any]) -> None:
+    """Give ``module`` the ``get_weights()`` and ``set_weights(w0, ...)`` signatures."""
+
     def get_weights() -> dict[str, Any]:
         return {f"w{i}": tf.identity(v) for i, v in enumerate(variables)}
 
-    weight_specs = [tf.TensorSpec(w.shape, tf.float32, name=f"w{i}") for i, w in enumerate(initial)]
+    weight_specs = [
+        tf.TensorSpec(v.shape, tf.float32, name=f"w{i}") for i, v in enumerate(variables)
+    ]
 
     def set_weights(*weights: Any) -> dict[str, Any]:
         for variable, value in zip(variables, weights, strict=True):
             variable.assign(value)
         return {"count": tf.constant(len(variables), tf.int32)}
 
-    module.infer = tf.function(infer, input_signature=[x_spec])
-    module.train = tf.function(train, input_signature=train_specs)
     module.get_weights = tf.function(get_weights, input_signature=[])
     module.set_weights = tf.function(set_weights, input_signature=weight_specs)
-    return module

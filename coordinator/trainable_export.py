@@ -12,6 +12,7 @@ import logging
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,7 +22,7 @@ from protocol.errors import ModelError
 if TYPE_CHECKING:
     import tensorflow as tf
 
-__all__ = ["TrainableDefinition", "export_trainable_tflite"]
+__all__ = ["TrainableDefinition", "convert_module", "export_trainable_tflite"]
 
 _log = logging.getLogger(__name__)
 
@@ -75,26 +76,32 @@ def export_trainable_tflite(
     of exactly ``batch_size``. Any failure (an op outside the builtins included) raises
     :class:`ModelError`.
     """
-    tf = import_tf()
     module = definition.build_trainable(batch_size)
-    what = f"trainable {definition.name}"
+    flatbuffer = convert_module(module, TRAINABLE_SIGNATURES, f"trainable {definition.name}")
+    _log.info(
+        "exported trainable %s (batch %d): %d bytes", definition.name, batch_size, len(flatbuffer)
+    )
+    return flatbuffer
+
+
+def convert_module(module: tf.Module, signature_names: Sequence[str], what: str) -> bytes:
+    """A ``tf.Module``'s signatures as a ``.tflite`` of builtin ops with resource variables."""
+    tf = import_tf()
     saved_dir = Path(tempfile.mkdtemp(prefix="fedge-trainable-"))
     try:
         try:
             signatures = {
-                name: getattr(module, name).get_concrete_function() for name in TRAINABLE_SIGNATURES
+                name: getattr(module, name).get_concrete_function() for name in signature_names
             }
             tf.saved_model.save(module, str(saved_dir), signatures=signatures)
             converter = tf.lite.TFLiteConverter.from_saved_model(
-                str(saved_dir), signature_keys=list(TRAINABLE_SIGNATURES)
+                str(saved_dir), signature_keys=list(signature_names)
             )
         # Tracing and saving raise TensorFlow's own errors, ValueError and TypeError.
         except Exception as exc:
             raise ModelError(f"cannot save {what} for conversion: {exc}", reason="convert") from exc
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         converter.experimental_enable_resource_variables = True
-        flatbuffer = _convert(converter, what)
+        return _convert(converter, what)
     finally:
         shutil.rmtree(saved_dir, ignore_errors=True)
-    _log.info("exported %s (batch %d): %d bytes", what, batch_size, len(flatbuffer))
-    return flatbuffer

@@ -67,6 +67,9 @@ class TopicKind(StrEnum):
     BLOB_CHUNK = "blob_chunk"
     UPDATE_MANIFEST = "update_manifest"
     UPDATE_CHUNK = "update_chunk"
+    SPLIT_MANIFEST = "split_manifest"
+    SPLIT_CHUNK = "split_chunk"
+    SPLIT_DONE = "split_done"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,8 @@ class ParsedTopic:
     version: str | None = None
     round: int | None = None
     index: int | None = None
+    step: int | None = None
+    direction: str | None = None
 
 
 def sender(parsed: ParsedTopic, claimed: str | None = None) -> str:
@@ -251,6 +256,41 @@ class Topics:
         number = _validate_index(round_number, what="round")
         return f"{self._base}/rounds/{number}/updates/{validate_id(agent, what='agent id')}"
 
+    # split learning: one batch's activations go up, its gradient comes down
+    def split_manifest(self, round_number: int, agent: str, step: int, direction: str) -> str:
+        return f"{self._split(round_number, agent, step, direction)}/manifest"
+
+    def split_chunk(
+        self, round_number: int, agent: str, step: int, direction: str, index: int
+    ) -> str:
+        chunk = _validate_index(index, what="chunk index")
+        return f"{self._split(round_number, agent, step, direction)}/{chunk}"
+
+    def split_done(self, round_number: int, agent: str, step: int) -> str:
+        """The agent applied the batch's gradient to its part: the coordinator may commit."""
+        return f"{self._split_batch(round_number, agent, step)}/done"
+
+    def all_split_uploads(self) -> str:
+        """Filter for every agent's activations and done notices (the coordinator's side)."""
+        return f"{self._base}/split/+/+/+/up/#"
+
+    def all_split_done(self) -> str:
+        return f"{self._base}/split/+/+/+/done"
+
+    def agent_split_downloads(self, agent: str) -> str:
+        """Filter for the gradients sent to one agent."""
+        return f"{self._base}/split/+/{validate_id(agent, what='agent id')}/+/down/#"
+
+    def _split(self, round_number: int, agent: str, step: int, direction: str) -> str:
+        if direction not in _SPLIT_DIRECTIONS:
+            raise TopicError(f"split direction must be 'up' or 'down', not {direction!r}")
+        return f"{self._split_batch(round_number, agent, step)}/{direction}"
+
+    def _split_batch(self, round_number: int, agent: str, step: int) -> str:
+        number = _validate_index(round_number, what="round")
+        batch = _validate_index(step, what="step")
+        return f"{self._base}/split/{number}/{validate_id(agent, what='agent id')}/{batch}"
+
     # parsing
     def parse(self, topic: str) -> ParsedTopic:
         """Name what a concrete topic of this fleet is, or raise :class:`TopicError`."""
@@ -278,8 +318,34 @@ _COORDINATOR_LEAVES = {
     "events": TopicKind.COORDINATOR_EVENTS,
 }
 
+_SPLIT_DIRECTIONS = frozenset({"up", "down"})
+
+
+def _parse_split(levels: list[str]) -> ParsedTopic | None:
+    match levels:
+        case ["split", number, agent, step, "done"]:
+            kind, direction, index = TopicKind.SPLIT_DONE, None, None
+        case ["split", number, agent, step, direction, "manifest"] if (
+            direction in _SPLIT_DIRECTIONS
+        ):
+            kind, index = TopicKind.SPLIT_MANIFEST, None
+        case ["split", number, agent, step, direction, chunk] if direction in _SPLIT_DIRECTIONS:
+            kind, index = TopicKind.SPLIT_CHUNK, _parse_index(chunk, what="chunk index")
+        case _:
+            return None
+    return ParsedTopic(
+        kind,
+        round=_parse_index(number, what="round"),
+        agent=validate_id(agent, what="agent id"),
+        step=_parse_index(step, what="step"),
+        direction=direction,
+        index=index,
+    )
+
 
 def _parse_levels(levels: list[str]) -> ParsedTopic | None:  # noqa: PLR0911 - one return per shape
+    if levels and levels[0] == "split":
+        return _parse_split(levels)
     match levels:
         case ["agents", agent, leaf] if leaf in _AGENT_LEAVES:
             return ParsedTopic(_AGENT_LEAVES[leaf], agent=validate_id(agent, what="agent id"))
