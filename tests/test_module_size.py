@@ -20,7 +20,6 @@ AWAITING_SPLIT: dict[str, tuple[int, str]] = {
     "agent/training.py": (620, "features are landing in it; split from its newest version"),
     "agent/federated.py": (500, "features are landing in it; split from its newest version"),
     "coordinator/rounds.py": (640, "features are landing in it; split from its newest version"),
-    "fedge/deploy.py": (460, "not split yet: broker files and service units apart"),
     "bench/federated.py": (680, "not split yet: the runs and the report apart"),
     "bench/inference.py": (620, "not split yet: the runs and the report apart"),
     "tests/coordinator/test_rounds.py": (690, "split with coordinator/rounds.py"),
