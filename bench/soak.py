@@ -1,0 +1,214 @@
+"""A soak run (not a test): frames and rounds for a long time while the broker restarts and
+agents are killed, then a check that nothing was delivered twice and memory stayed flat.
+
+    python bench/soak.py [--minutes 60] [--agents 3] [--fps 2] [--broker-restart 300]
+                         [--agent-kill 420] [--sample 30] [--out bench/results/soak.json]
+
+A fresh Mosquitto, a coordinator in this process and N ``fedge agent run`` processes (the
+reference workload's shares), each serving the fleet's current release. A camera publishes
+enveloped digit frames (QoS 1) on N camera topics, which every agent serves (agents take
+frames at QoS 0, latest-frame-wins, so frames that reach an agent while it is down or the
+broker is restarting get no result from it); a subscriber with a persistent session
+collects every result (QoS 1), deduplicated by (agent, frame id). Rounds run back to back
+(min_agents N-1, so a killed agent costs at most a deadline). Every ``--broker-restart``
+seconds the broker is stopped and started again (alternately gracefully and with SIGKILL
+after a database write); every ``--agent-kill`` seconds one agent (in turn) is SIGKILLed
+and restarted.
+
+At the end it checks: every round closed (ok or with a reason; none hung); each round stored
+one update per agent at most and counted exactly what it stored; every result that arrived
+more than once arrived as identical copies (deduplicated by frame id); results kept
+arriving after every disruption. It prints the agents' and the coordinator's resident
+memory as a series (one sample every ``--sample`` seconds) and their growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import psutil
+
+from coordinator.reference import digit_images_uint8, digit_png, load_digits_split
+from coordinator.rounds import RoundPlan
+from fedge.harness.clients import disconnect, mqtt_client, subscribe
+from fedge.harness.federation import federation
+from protocol.frames import FrameMeta, encode_envelope
+from protocol.topics import Topics
+from runtime.mosquitto import MosquittoProcess, find_mosquitto
+
+DEFAULT_OUT = Path("bench/results/soak.json")
+ROUND_DEADLINE_S = 30.0
+MB = 2**20
+
+
+def _rss(pid: int | None) -> float:
+    try:
+        return psutil.Process(pid).memory_info().rss / MB if pid else float("nan")
+    except psutil.Error:
+        return float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--agents", type=int, default=3)
+    parser.add_argument("--fps", type=float, default=2.0, help="frames per second per agent")
+    parser.add_argument("--broker-restart", type=float, default=300.0, help="seconds")
+    parser.add_argument("--agent-kill", type=float, default=420.0, help="seconds")
+    parser.add_argument("--sample", type=float, default=30.0, help="memory sample, seconds")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    binary = find_mosquitto()
+    if binary is None:
+        raise SystemExit("mosquitto is not installed (apt-get install -y mosquitto)")
+    split = load_digits_split()
+    images = [digit_png(image) for image in digit_images_uint8(split.x_test[:64])]
+    topics = Topics(root=f"soak-{uuid.uuid4().hex[:8]}", fleet="soak")
+    results: dict[tuple[str, str], set[bytes]] = defaultdict(set)
+    arrivals: list[float] = []
+    lock = threading.Lock()
+
+    def on_result(_c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        agent = topics.parse(message.topic).agent or "?"
+        frame_id = json.loads(message.payload).get("frame_id", "?")
+        with lock:
+            results[(agent, frame_id)].add(bytes(message.payload))
+            arrivals.append(time.monotonic())
+
+    with tempfile.TemporaryDirectory(prefix="fedge-soak-") as tmp:
+        root = Path(tmp)
+        broker = MosquittoProcess(binary, root / "mosquitto")
+        broker.start()
+        stop = threading.Event()
+        outcomes: list[Any] = []
+        memory: list[dict[str, Any]] = []
+        disruptions: list[tuple[float, str]] = []
+        published = 0
+        try:
+            with federation(root / "fleet", broker, topics, num_agents=args.agents) as fed:
+                coordinator = fed.start_coordinator()
+                fed.wait_for_agents(args.agents)
+                sink = mqtt_client(
+                    broker, client_id=f"soak-sink-{topics.root}", clean_session=False
+                )
+                sink.on_message = on_result
+                subscribe(sink, topics.all_agent_results())
+                camera = mqtt_client(broker, client_id=f"soak-cam-{topics.root}")
+
+                def rounds() -> None:
+                    plan = RoundPlan(
+                        min_agents=max(1, args.agents - 1), deadline_s=ROUND_DEADLINE_S
+                    )
+                    while not stop.is_set():
+                        outcomes.extend(coordinator.run_plan_now(plan))
+
+                worker = threading.Thread(target=rounds, name="soak-rounds", daemon=True)
+                worker.start()
+                started = time.monotonic()
+                end = started + args.minutes * 60
+                next_restart = started + args.broker_restart
+                next_kill = started + args.agent_kill
+                next_sample = started
+                restarts = kills = 0
+                period = 1.0 / args.fps
+                while time.monotonic() < end:
+                    now = time.monotonic()
+                    for index, agent in enumerate(fed.agents):
+                        frame = encode_envelope(
+                            images[published % len(images)],
+                            FrameMeta(frame_id=f"{agent.agent_id}-{published:08d}"),
+                        )
+                        camera.publish(topics.camera_frames(f"cam{index}"), frame, qos=1)
+                        published += 1
+                    if now >= next_sample:
+                        memory.append(
+                            {
+                                "t_s": round(now - started, 1),
+                                "coordinator_mb": _rss(os.getpid()),
+                                "agents_mb": [
+                                    _rss(a.process.pid if a.process else None) for a in fed.agents
+                                ],
+                            }
+                        )
+                        print(
+                            f"t={now - started:7.0f} s  {memory[-1]}  rounds={len(outcomes)}",
+                            flush=True,
+                        )
+                        next_sample += args.sample
+                    if now >= next_restart:
+                        if restarts % 2:
+                            broker.persist()
+                            broker.kill()
+                            broker.start()
+                        else:
+                            broker.restart()
+                        restarts += 1
+                        disruptions.append((time.monotonic(), "broker restart"))
+                        next_restart += args.broker_restart
+                    if now >= next_kill:
+                        victim = fed.agents[kills % len(fed.agents)]
+                        victim.kill()
+                        victim.start()
+                        kills += 1
+                        disruptions.append((time.monotonic(), f"killed {victim.agent_id}"))
+                        next_kill += args.agent_kill
+                    stop.wait(period)
+                stop.set()
+                worker.join(ROUND_DEADLINE_S * 3)
+                time.sleep(5)  # let the last results drain before the check (a soak, not a test)
+                rounds_done = [coordinator.state.round(o.round) for o in outcomes]
+                update_check = all(
+                    o.metrics.get("updates", 0) == len(coordinator.state.updates(o.round))
+                    for o in outcomes
+                    if o.ok
+                )
+                disconnect(sink)
+                disconnect(camera)
+        finally:
+            broker.stop()
+    conflicting = [key for key, copies in results.items() if len(copies) > 1]
+    resumed = all(any(t > at for t in arrivals) for at, _ in disruptions)
+    report = {
+        "minutes": args.minutes,
+        "agents": args.agents,
+        "frames_published": published,
+        "results_possible": published * args.agents,
+        "results_unique": len(results),
+        "results_conflicting": len(conflicting),
+        "rounds": len(outcomes),
+        "rounds_ok": sum(o.ok for o in outcomes),
+        "rounds_failed": [(o.round, o.reason) for o in outcomes if not o.ok],
+        "rounds_unclosed": sum(r is None or r.finished_at is None for r in rounds_done),
+        "updates_counted_as_stored": update_check,
+        "results_after_every_disruption": resumed,
+        "disruptions": [d for _, d in disruptions],
+        "memory": memory,
+    }
+    first, last = memory[0], memory[-1]
+    print(json.dumps({k: v for k, v in report.items() if k != "memory"}, indent=2))
+    agents_first = [round(m) for m in first["agents_mb"]]
+    agents_last = [round(m) for m in last["agents_mb"]]
+    print(
+        f"coordinator RSS {first['coordinator_mb']:.0f} -> {last['coordinator_mb']:.0f} MB; "
+        f"agents {agents_first} -> {agents_last} MB"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    ok = not conflicting and update_check and resumed and report["rounds_unclosed"] == 0
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
