@@ -2,7 +2,9 @@
 
 Layers, bottom up: ``protocol`` (pure) <- ``runtime`` (the I/O both daemons share) <-
 ``agent`` | ``coordinator`` (never each other) <- ``fedge`` (the commands and tools). Nothing
-imports ``tests``, and nothing but ``fedge`` itself imports ``fedge``. Every import counts,
+imports ``tests``, and nothing but ``fedge`` itself imports ``fedge``; within it, only the
+command line, its entry point, the README generator that renders its help and the tests
+import the commands (``fedge.cli``, ``fedge.commands``). Every import counts,
 also one inside a function or under ``TYPE_CHECKING``: a lazy import is still a dependency.
 
 Each rule is checked on the real tree and, to show it can fail, on a synthetic tree that
@@ -22,6 +24,8 @@ LAYERS: Mapping[str, int] = {"protocol": 0, "runtime": 1, "agent": 2, "coordinat
 # Above every layer: they may import anything but each other (and bench imports no tests).
 TOP = ("bench", "tests")
 MAX_LINES = 400
+COMMANDS = ("fedge.cli", "fedge.commands")
+COMMAND_IMPORTERS = ("fedge/cli.py", "fedge/commands/", "fedge/__main__.py", "fedge/docs.py")
 # Modules that read better whole than split, and why.
 ALLOWED_LONG: Mapping[str, str] = {}
 # Modules still past the limit, each with the reason it is not split yet. An entry whose
@@ -74,6 +78,30 @@ def import_violations(root: Path) -> list[str]:
     return found
 
 
+def _imported_modules(path: Path) -> Iterator[tuple[int, str]]:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # ``from fedge import cli`` names the module in the alias.
+            for alias in node.names:
+                yield node.lineno, f"{node.module}.{alias.name}"
+
+
+def command_importers(root: Path) -> list[str]:
+    """Every import of the commands from outside the command line and the tests."""
+    found = []
+    for package, path in _modules(root, (*LAYERS, "bench")):
+        where = path.relative_to(root).as_posix()
+        if where.startswith(COMMAND_IMPORTERS):
+            continue
+        for line, name in _imported_modules(path):
+            if any(name == c or name.startswith(f"{c}.") for c in COMMANDS):
+                found.append(f"{where}:{line}: {package} imports the commands ({name})")
+    return sorted(set(found))
+
+
 def oversized_modules(root: Path) -> dict[str, int]:
     """Every module of the packages and of ``bench`` past :data:`MAX_LINES`, with its size."""
     sizes = {}
@@ -89,6 +117,10 @@ def oversized_modules(root: Path) -> dict[str, int]:
 
 def test_imports_run_only_downwards() -> None:
     assert import_violations(REPO) == []
+
+
+def test_only_the_command_line_imports_the_commands() -> None:
+    assert command_importers(REPO) == []
 
 
 def test_no_module_is_past_400_lines() -> None:
@@ -133,6 +165,24 @@ def test_a_wrong_way_import_is_found(tmp_path: Path, files: dict[str, str], expe
     root = _write(tmp_path, {"protocol/ok.py": "import json\n", **files})
     (violation,) = import_violations(root)
     assert expected in violation
+
+
+def test_an_import_of_the_commands_is_found(tmp_path: Path) -> None:
+    root = _write(
+        tmp_path,
+        {
+            "fedge/camera.py": "from fedge import cli\n",
+            "fedge/demo.py": "def f():\n    from fedge.commands.rounds import start\n",
+            "fedge/docs.py": "from fedge.cli import cli\n",
+            "fedge/commands/agent.py": "from fedge.cli import cli\n",
+            "bench/b.py": "import fedge.cli\n",
+        },
+    )
+    assert command_importers(root) == [
+        "bench/b.py:1: bench imports the commands (fedge.cli)",
+        "fedge/camera.py:1: fedge imports the commands (fedge.cli)",
+        "fedge/demo.py:2: fedge imports the commands (fedge.commands.rounds.start)",
+    ]
 
 
 def test_downward_imports_pass(tmp_path: Path) -> None:
