@@ -193,8 +193,9 @@ class MqttFleet(Fleet):
         with self._lock:
             if len(self._status_reported) >= MAX_STATUS_REPORTS:
                 self._status_reported.clear()
-            first = (topic, reason) not in self._status_reported
-            self._status_reported.add((topic, reason))
+            key = (topic, message[:256])  # one report per topic and distinct refusal
+            first = key not in self._status_reported
+            self._status_reported.add(key)
         if first:
             self.report_error(reason, message)
 

@@ -34,7 +34,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from coordinator.rounds import RoundPlan
 from fedge.deploy import Access, Role, acl_text, deploy_group, fleet_clients
 from fedge.harness.federation import federation
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, FedgeError
 from protocol.topics import Topics, topic_matches
 from tests.brokers import (
     CONNECT_TIMEOUT_S,
@@ -581,3 +581,94 @@ def test_a_federated_round_through_tls_and_the_acl(
     log = secure_broker.log_text()
     for user in (AGENT_A, AGENT_B, COORDINATOR):
         assert f"u'{user}'" in log  # each connected as its own broker user
+
+
+def test_an_agent_cannot_make_the_coordinator_believe_in_another_agent_or_a_phantom(
+    secure_broker: SecureBroker, connect: Any, tmp_path: Path
+) -> None:
+    """The ACL guards topics; identity comes from the topic, so payload claims are refused."""
+    from coordinator.config import load_coordinator_config
+    from coordinator.daemon import Coordinator
+    from protocol.messages.agent import AgentState, AgentStatus, Capabilities, ErrorEvent
+    from protocol.messages.codec import decode_message, encode_message
+    from protocol.messages.rounds import UpdateComplete, UpdateEncoding
+    from protocol.signing import write_key_pair
+
+    t = secure_broker.topics
+    private, _public = write_key_pair(tmp_path / "keys")
+    coordinator = Coordinator(
+        load_coordinator_config(
+            broker_url=secure_broker.url,
+            username=COORDINATOR,
+            password=secure_broker.passwords[COORDINATOR],
+            ca_file=secure_broker.pki.ca_file,
+            fleet=t.fleet,
+            topic_root=t.root,
+            data_dir=tmp_path / "coordinator",
+            signing_key=private,
+            status_interval_s=3600.0,
+        )
+    )
+    coordinator.start()
+    try:
+        coordinator.fleet._follow_round(1)  # the update topics of an open round
+        coordinator.link.wait_connected(ACK_TIMEOUT_S)
+        admin = connect(ADMIN)
+        assert not admin.subscribe(t.coordinator_events()).is_failure
+        agent = connect(AGENT_A)
+        phantom = f"phantom-{uuid.uuid4().hex[:6]}"
+
+        def status(claimed: str) -> bytes:
+            return encode_message(
+                AgentStatus(
+                    agent=claimed,
+                    state=AgentState.ONLINE,
+                    timestamp=1.0,
+                    capabilities=Capabilities(runtime="x", can_train=True, trainers=("litert",)),
+                )
+            )
+
+        # On its own status topic, claiming B or a phantom: refused by the coordinator.
+        publish(agent.client, t.agent_status(AGENT_A), status(AGENT_B), qos=1)
+        publish(agent.client, t.agent_status(AGENT_A), status(phantom), qos=1)
+        # On B's or a phantom's topic: dropped by the broker's ACL.
+        publish(agent.client, t.agent_status(AGENT_B), status(AGENT_B), qos=1)
+        publish(agent.client, t.agent_status(phantom), status(phantom), qos=1)
+        # An update completion on its own topic in B's name: refused.
+        complete = UpdateComplete(
+            round=1,
+            agent=AGENT_B,
+            base_model_version="r0",
+            update_sha256="0" * 64,
+            update_size_bytes=10,
+            chunk_count=1,
+            chunk_bytes=10,
+            encoding=UpdateEncoding.FLOAT32,
+            num_examples=1,
+        )
+        publish(agent.client, t.update_manifest(1, AGENT_A), encode_message(complete), qos=1)
+
+        def refusals(messages: list[Received]) -> list[ErrorEvent]:
+            events: list[ErrorEvent] = []
+            for message in messages:
+                try:
+                    event: object = decode_message(message.payload)
+                except FedgeError:
+                    continue
+                if isinstance(event, ErrorEvent) and event.reason == "wrong_agent":
+                    events.append(event)
+            return events
+
+        # One client's messages are handled in order: the last refusal means all were seen.
+        admin.collector.wait_for(
+            lambda messages: any("rounds/1" in e.message for e in refusals(messages))
+        )
+        messages = [e.message for e in refusals(admin.collector.messages)]
+        assert any(AGENT_B in m and AGENT_A in m for m in messages), messages
+        assert any(phantom in m for m in messages), messages
+        known = coordinator.fleet.agents()
+        # B may be known from its own (retained, offline) status; A's claims changed nothing.
+        assert AGENT_B not in known or not known[AGENT_B].online, known
+        assert phantom not in known
+    finally:
+        coordinator.stop()
