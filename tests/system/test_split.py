@@ -1,0 +1,160 @@
+"""Split learning through a real Mosquitto with a LiteRT-only agent process (no TensorFlow)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.reference import build_reference_cnn, load_digits_split
+from coordinator.split import SplitCoordinator
+from coordinator.split_model import UpperPart, export_lower_tflite
+from fedge.harness.federation import no_tensorflow_path
+from protocol.split import BatchId, cut_bytes
+from protocol.topics import Topics
+from runtime.address import parse_broker_url
+from runtime.mqtt import MqttLink
+
+BATCH, CUT, LR, STEPS = 16, 3, 0.05, 2
+CUT_SIZE = 256
+EVENT_TIMEOUT_S = 60.0
+FRAMING_LIMIT_BYTES = 1024  # manifest, chunk header and safetensors header per frame
+
+
+def _agent(
+    tmp_path: Path, broker: str, topics: Topics, model: bytes, x: Any, y: Any
+) -> subprocess.Popen[bytes]:
+    (tmp_path / "lower.tflite").write_bytes(model)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(no_tensorflow_path(tmp_path / "site")), os.getcwd()])
+    command = [
+        sys.executable, "-m", "agent.split", "--broker", broker, "--root", topics.root,
+        "--fleet", topics.fleet, "--agent", "pi-1", "--model", str(tmp_path / "lower.tflite"),
+        "--data", str(tmp_path / "data.npz"), "--lr", str(LR), "--outbox",
+        str(tmp_path / "outbox.db"), "--out", str(tmp_path / "weights.npz"),
+    ]  # fmt: skip
+    with (tmp_path / "agent.log").open("wb") as log:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _coordinator(
+    mosquitto: Any, topics: Topics, upper: UpperPart, **extra: Any
+) -> tuple[MqttLink, SplitCoordinator]:
+    holder: dict[str, SplitCoordinator] = {}
+
+    def deliver(topic: str, payload: bytes) -> None:
+        holder["c"].on_message(topic, payload)
+
+    link = MqttLink(
+        parse_broker_url(mosquitto.url), client_id=f"{topics.root}-coord", on_message=deliver
+    )
+    holder["c"] = SplitCoordinator(link, topics, upper, **extra)
+    for topic_filter in holder["c"].subscriptions():
+        link.subscribe(topic_filter)
+    link.start()
+    link.wait_connected(10)
+    holder["c"].start()
+    return link, holder["c"]
+
+
+def _batches() -> tuple[Any, Any]:
+    split = load_digits_split()
+    x = split.x_train[: BATCH * STEPS].astype(np.float32).reshape(STEPS, BATCH, 8, 8, 1)
+    y = split.y_train[: BATCH * STEPS].astype(np.float32).reshape(STEPS, BATCH)
+    return x, y
+
+
+def _event(coordinator: SplitCoordinator, kind: str) -> BatchId:
+    while True:
+        got, batch = coordinator.events.get(timeout=EVENT_TIMEOUT_S)
+        if got == kind:
+            return batch
+
+
+def test_split_training_equals_the_unsplit_model_through_the_broker(
+    tmp_path: Path, mosquitto: Any, topics: Topics
+) -> None:
+    import keras
+    import tensorflow as tf
+
+    model = build_reference_cnn()
+    upper = UpperPart(model, CUT, learning_rate=LR)
+    x, y = _batches()
+    link, coordinator = _coordinator(mosquitto, topics, upper)
+    agent = _agent(
+        tmp_path, mosquitto.url, topics, export_lower_tflite(model, CUT, batch_size=BATCH), x, y
+    )
+    try:
+        assert agent.wait(timeout=120) == 0, (tmp_path / "agent.log").read_text()
+        for _ in range(STEPS):
+            _event(coordinator, "committed")
+    finally:
+        coordinator.stop()
+        link.stop()
+        if agent.poll() is None:
+            agent.kill()
+    # The unsplit Keras model, the same SGD steps on the same batches.
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    for step in range(STEPS):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y[step], model(x[step], training=True))
+        for variable, grad in zip(
+            model.trainable_variables, tape.gradient(loss, model.trainable_variables), strict=True
+        ):
+            variable.assign_sub(LR * grad)
+        assert coordinator.traffic.losses[BatchId(1, "pi-1", step)] == pytest.approx(
+            float(loss), abs=1e-5
+        )
+    expected = [np.asarray(w) for w in model.get_weights()]
+    with np.load(tmp_path / "weights.npz") as lower:
+        got = [lower["w0"], lower["w1"], *upper.weights()]
+    for have, want in zip(got, expected, strict=True):
+        np.testing.assert_allclose(have, want, atol=1e-5)
+    for step in range(STEPS):
+        batch = BatchId(1, "pi-1", step)
+        # Up: activations plus the labels (float32, BATCH * 4 bytes); down: the gradient only.
+        assert (
+            0
+            < coordinator.traffic.up[batch] - cut_bytes(BATCH, CUT_SIZE) - BATCH * 4
+            < FRAMING_LIMIT_BYTES
+        )
+        assert (
+            0 < coordinator.traffic.down[batch] - cut_bytes(BATCH, CUT_SIZE) < FRAMING_LIMIT_BYTES
+        )
+
+
+def test_an_agent_killed_mid_batch_leaves_the_upper_part_as_before(
+    tmp_path: Path, mosquitto: Any, topics: Topics
+) -> None:
+    model = build_reference_cnn()
+    upper = UpperPart(model, CUT, learning_rate=LR)
+    before = upper.weights()
+    x, y = _batches()
+    killed: queue.Queue[int] = queue.Queue()
+    agent_box: dict[str, subprocess.Popen[bytes]] = {}
+
+    def kill_before_the_gradient_goes(_batch: BatchId) -> None:
+        agent_box["p"].kill()
+        killed.put(agent_box["p"].wait(timeout=30))
+
+    link, coordinator = _coordinator(
+        mosquitto, topics, upper, stage_timeout_s=1.0, on_staged=kill_before_the_gradient_goes
+    )
+    agent_box["p"] = _agent(
+        tmp_path, mosquitto.url, topics, export_lower_tflite(model, CUT, batch_size=BATCH), x, y
+    )
+    try:
+        assert killed.get(timeout=120) != 0
+        assert _event(coordinator, "aborted") == BatchId(1, "pi-1", 0)
+    finally:
+        coordinator.stop()
+        link.stop()
+    for have, want in zip(upper.weights(), before, strict=True):
+        np.testing.assert_array_equal(have, want)
