@@ -28,13 +28,21 @@ import numpy as np
 from agent.augment import Augmenter
 from agent.model import ServingModel
 from agent.privacy import LocalDp, privatise_update
+from agent.secagg_stages import AgentSecAgg
 from agent.store import SampleStore
 from agent.training import TrainConfig, Trainer, make_trainer
 from agent.transfer_task import TransferTasks, sample_input
 from protocol.chunks import BlobManifest, split_blob
 from protocol.errors import FedgeError, ModelError
+from protocol.messages.base import Message
 from protocol.messages.codec import decode_message, encode_message
-from protocol.messages.rounds import BlobRef, ModelRelease, RoundAnnouncement, UpdateComplete
+from protocol.messages.rounds import (
+    BlobRef,
+    ModelRelease,
+    RoundAnnouncement,
+    UpdateComplete,
+    UpdateEncoding,
+)
 from protocol.signing import SignedMessage, VerifyKey
 from protocol.tensors import Encoding
 from protocol.topics import TopicKind, Topics, topic_matches
@@ -50,7 +58,7 @@ BLOB_TIMEOUT_S = 120.0
 FETCH_STALL_S = 10.0  # no new chunk for this long: say so in the status (the owner resends)
 ROUNDS_REMEMBERED = 64
 
-M = TypeVar("M", RoundAnnouncement, ModelRelease)
+M = TypeVar("M", bound=Message)
 Publish = Callable[[str, bytes], None]
 ErrorReporter = Callable[[str, str], None]
 SwapCallback = Callable[[ServingModel], None]
@@ -135,10 +143,19 @@ class FederatedClient:
         self._trainer: Trainer | None = None
         self._trainer_key: tuple[str, str, int] | None = None
         self._transfer = TransferTasks(store=store, data_dir=data_dir, fetch=self.fetch)
+        self._secagg = AgentSecAgg(
+            agent_id=agent_id,
+            topics=topics,
+            publish=publish_reliably,
+            verified=self._verified,
+            report_error=report_error,
+        )
 
     # lifecycle
     def start(self) -> None:
         self._link.subscribe(self.topics.round_current(), qos=1)
+        for topic_filter in self._secagg.filters:
+            self._link.subscribe(topic_filter, qos=1)
         if self._on_swap is not None:
             self._link.subscribe(self._manifest_filter, qos=1)
         self._thread = threading.Thread(target=self._work, name="agent-federated", daemon=True)
@@ -153,7 +170,8 @@ class FederatedClient:
     # routing (network thread: quick)
     def handles(self, topic: str) -> bool:
         return (
-            topic == self.topics.round_current()
+            self._secagg.handles(topic)
+            or topic == self.topics.round_current()
             or topic_matches(self._manifest_filter, topic)
             or topic_matches(self._blob_filter, topic)
         )
@@ -161,6 +179,9 @@ class FederatedClient:
     def on_message(self, topic: str, payload: bytes) -> None:
         if not payload:
             return  # a cleared retained message
+        if self._secagg.handles(topic):
+            self._secagg.on_message(topic, payload)
+            return
         try:
             parsed = self.topics.parse(topic)
         except FedgeError:
@@ -227,6 +248,9 @@ class FederatedClient:
             return
         started = time.perf_counter()
         release = announcement.release
+        secure = announcement.config.secure_aggregation
+        if secure is not None:
+            self._secagg.begin(announcement)
         weights = decode_weights(self.fetch(release.weights))
         config = announcement.config
         augment_seed = config.seed if config.augment else None
@@ -264,7 +288,16 @@ class FederatedClient:
         deltas, clipped = privatise_update(
             deltas, round_clip_norm=config.clip_norm, local=self._local_dp
         )
-        blob = encode_update(deltas, encoding=Encoding(config.update_encoding.value))
+        encoding = config.update_encoding
+        if secure is not None:
+            # The plain update is kept only on this device (below); the masked one travels.
+            self._keep_plain(number, deltas)
+            flat = np.concatenate([np.ravel(d) for d in deltas])
+            until = announcement.deadline_at + secure.stage_deadline_s
+            blob = self._secagg.masked(number, flat, until).astype("<u4").tobytes()
+            encoding = UpdateEncoding.MASKED_U32
+        else:
+            blob = encode_update(deltas, encoding=Encoding(config.update_encoding.value))
         manifest, chunks = split_blob(blob)
         complete = UpdateComplete(
             round=number,
@@ -274,7 +307,7 @@ class FederatedClient:
             update_size_bytes=manifest.size_bytes,
             chunk_count=manifest.chunk_count,
             chunk_bytes=manifest.chunk_bytes,
-            encoding=config.update_encoding,
+            encoding=encoding,
             num_examples=report.num_examples,
             loss=report.loss if np.isfinite(report.loss) else None,
             accuracy=report.val_accuracy,
@@ -326,6 +359,12 @@ class FederatedClient:
         for old in sorted(self._updates_dir.glob("*.update"), key=lambda p: int(p.stem))[:-2]:
             old.unlink(missing_ok=True)
             old.with_suffix(".json").unlink(missing_ok=True)
+
+    def _keep_plain(self, number: int, deltas: list[np.ndarray]) -> None:
+        """This agent's own unmasked update, for its own audit; it never leaves the device."""
+        self._updates_dir.mkdir(parents=True, exist_ok=True)
+        plain = encode_update(deltas, encoding=Encoding.FLOAT32)
+        (self._updates_dir / f"{number}.plain").write_bytes(plain)
 
     def _resend(self, number: int) -> None:
         try:

@@ -12,10 +12,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from protocol.errors import ConfigError
 from protocol.messages.agent import ErrorEvent
+from protocol.messages.base import Message
 from protocol.messages.rounds import ModelRelease, RoundAnnouncement, UpdateComplete
 
-__all__ = ["AgentInfo", "Fleet", "InMemoryFleet", "ReceivedUpdate"]
+__all__ = ["AgentInfo", "Fleet", "InMemoryFleet", "ReceivedUpdate", "SecAggMessage"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,16 @@ class ReceivedUpdate:
     complete: UpdateComplete
     payload: bytes
     bytes_received: int
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggMessage:
+    """A secure-aggregation stage message; ``agent`` is the one its topic names."""
+
+    round: int
+    stage: str
+    agent: str
+    payload: bytes
 
 
 class Fleet(ABC):
@@ -57,6 +69,18 @@ class Fleet(ABC):
     @abstractmethod
     def reject(self, event: ErrorEvent, *, agent: str | None = None) -> None:
         """Tell the fleet (and the agent) that something it sent was refused, and why."""
+
+    def next_secagg(self, timeout_s: float) -> SecAggMessage | None:
+        """The next secure-aggregation message from an agent, or None after ``timeout_s``."""
+        del timeout_s
+        raise ConfigError("this fleet cannot run secure aggregation", reason="secagg_fleet")
+
+    def publish_secagg(
+        self, round_number: int, stage: str, message: Message, *, agent: str | None = None
+    ) -> None:
+        """Publish a signed stage message (QoS 1): to everyone, or to ``agent``'s inbox."""
+        del round_number, stage, message, agent
+        raise ConfigError("this fleet cannot run secure aggregation", reason="secagg_fleet")
 
     @abstractmethod
     def now(self) -> float:

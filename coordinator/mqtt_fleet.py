@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from coordinator.fleet import AgentInfo, Fleet, ReceivedUpdate
+from coordinator.fleet import AgentInfo, Fleet, ReceivedUpdate, SecAggMessage
 from protocol.chunks import BlobManifest, Reassembler, parse_chunk, split_blob
 from protocol.errors import ChunkError, FedgeError
 from protocol.messages.agent import AgentState, AgentStatus, ErrorEvent
+from protocol.messages.base import Message
 from protocol.messages.codec import decode_message, encode_message
 from protocol.messages.rounds import ModelRelease, RoundAnnouncement, UpdateComplete
 from protocol.signing import SigningKey
@@ -63,6 +64,7 @@ class MqttFleet(Fleet):
         self._agents: dict[str, AgentInfo] = {}
         self._lock = threading.Lock()
         self._updates: queue.Queue[ReceivedUpdate] = queue.Queue()
+        self._secagg: queue.Queue[SecAggMessage] = queue.Queue()
         self._pending: dict[tuple[int, str], _PendingUpdate] = {}
         self._round_filter: str | None = None
         self._published_blobs: set[str] = set()
@@ -83,6 +85,7 @@ class MqttFleet(Fleet):
         # Our own retained releases come back on every (re)subscribe: proof the broker
         # still has them (coordinator.recovery).
         self.link.subscribe(self.topics.all_model_manifests(), qos=1)
+        self.link.subscribe(self.topics.all_secagg_from_agents(), qos=1)
 
     def republish_blob(self, digest: str, data: bytes) -> None:
         """One blob's retained chunks again (an agent's fetch of it stalled)."""
@@ -116,6 +119,10 @@ class MqttFleet(Fleet):
             self._on_update_message(parsed, topic, payload)
         elif parsed.kind is TopicKind.MODEL_MANIFEST and self.on_own_retained is not None:
             self.on_own_retained(topic, payload)
+        elif parsed.kind is TopicKind.SECAGG_AGENT:
+            self._secagg.put(
+                SecAggMessage(parsed.round or 0, parsed.stage or "", parsed.agent or "", payload)
+            )
 
     # Fleet
     def agents(self) -> dict[str, AgentInfo]:
@@ -153,6 +160,22 @@ class MqttFleet(Fleet):
             return self._updates.get(timeout=max(timeout_s, 0.0))
         except queue.Empty:
             return None
+
+    def next_secagg(self, timeout_s: float) -> SecAggMessage | None:
+        try:
+            return self._secagg.get(timeout=max(timeout_s, 0.0))
+        except queue.Empty:
+            return None
+
+    def publish_secagg(
+        self, round_number: int, stage: str, message: Message, *, agent: str | None = None
+    ) -> None:
+        if agent is not None:
+            topic = self.topics.secagg_inbox(round_number, agent)
+        else:
+            topic = self.topics.secagg_broadcast(round_number, stage)
+        signed = self._key.sign(message.model_dump_json())
+        self.link.publish(topic, encode_message(signed))
 
     def reject(self, event: ErrorEvent, *, agent: str | None = None) -> None:
         del agent  # the message names the agent; agents watch the coordinator's events

@@ -22,11 +22,12 @@ from coordinator.dp import DpOptions, check_strategy
 from coordinator.federated_eval import federated_metrics, record_evaluation
 from coordinator.fleet import AgentInfo, Fleet, ReceivedUpdate
 from coordinator.private_rounds import RoundPrivacy
+from coordinator.secagg_rounds import check_secure_plan, run_secure_stages
 from coordinator.state import CoordinatorState, StoredUpdate
 from coordinator.strategies import ClientUpdate, Strategy, make_strategy
 from coordinator.validation import validate_update
 from protocol.chunks import CHUNK_HEADER_BYTES
-from protocol.errors import FedgeError, ProtocolError
+from protocol.errors import ConfigError, FedgeError, ProtocolError
 from protocol.messages.agent import ErrorEvent
 from protocol.messages.rounds import (
     ModelMetrics,
@@ -35,6 +36,8 @@ from protocol.messages.rounds import (
     RoundAnnouncement,
     RoundConfig,
 )
+from protocol.messages.secagg import SecAggParams
+from protocol.secagg import check_overflow
 from protocol.tensors import decode_tensors, encode_tensors
 from protocol.updates import decode_update, decode_weights
 
@@ -77,6 +80,7 @@ class RoundPlan:
     config: RoundConfig = field(default_factory=RoundConfig)
     max_update_norm: float | None = None
     privacy: DpOptions | None = None
+    secure_aggregation: SecAggParams | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -89,6 +93,9 @@ class RoundPlan:
             "config": self.config.model_dump(mode="json"),
             "max_update_norm": self.max_update_norm,
             "privacy": self.privacy.to_json() if self.privacy else None,
+            "secure_aggregation": (
+                self.secure_aggregation.model_dump(mode="json") if self.secure_aggregation else None
+            ),
         }
 
     @classmethod
@@ -103,6 +110,11 @@ class RoundPlan:
             config=RoundConfig.model_validate_json(_dumps(data["config"])),
             max_update_norm=data.get("max_update_norm"),
             privacy=DpOptions.from_json(data["privacy"]) if data.get("privacy") else None,
+            secure_aggregation=(
+                SecAggParams.model_validate_json(_dumps(data["secure_aggregation"]))
+                if data.get("secure_aggregation")
+                else None
+            ),
         )
 
 
@@ -140,6 +152,7 @@ class RoundRunner:
         self._on_outcome = on_outcome
         self._stop_requested = False
         self.privacy = RoundPrivacy(state)
+        self._sum_result: tuple[list[np.ndarray], dict[str, Any], int] | None = None
         self._stop_reason = "a stop was requested"
 
     # releases
@@ -182,6 +195,14 @@ class RoundRunner:
         """Run (or resume) ``plan``; returns the outcome of every round run now."""
         if plan.privacy is not None:
             check_strategy(plan.strategy, plan.strategy_options)
+        if plan.secure_aggregation is not None:
+            check_secure_plan(plan.strategy, plan.strategy_options, plan.max_update_norm)
+            if plan.privacy is not None:
+                raise ConfigError(
+                    "DP-FedAvg with secure aggregation needs the noise added on the agents "
+                    "before masking, which fedge does not do yet: choose one",
+                    reason="secagg_dp",
+                )
         self.state.put("plan", plan.to_json())
         done = int(self.state.get("plan_rounds_done") or 0)
         outcomes = []
@@ -228,9 +249,47 @@ class RoundRunner:
             announcement = RoundAnnouncement.model_validate_json(
                 _dumps(self.state.get("announcement"))
             )
+            if announcement.config.secure_aggregation is not None:
+                reason = "the coordinator restarted during secure aggregation: its keys are gone"
+                self.state.finish_round(last.round, state="failed", reason=reason, metrics={})
+                return RoundOutcome(last.round, ok=False, version=None, reason=reason, metrics={})
             self.fleet.announce(announcement)
             return self._collect_and_close(announcement, plan)
-        return self._collect_and_close(self._announce(plan), plan)
+        announcement = self._announce(plan)
+        if plan.secure_aggregation is not None:
+            return self._secure_round(announcement, plan)
+        return self._collect_and_close(announcement, plan)
+
+    def _secure_round(self, announcement: RoundAnnouncement, plan: RoundPlan) -> RoundOutcome:
+        number = announcement.round
+        base = self.weights_of(announcement.release)
+        try:
+            result = run_secure_stages(
+                fleet=self.fleet,
+                state=self.state,
+                announcement=announcement,
+                shapes=[tuple(b.shape) for b in base],
+                progress=lambda stage, received: self._progress(
+                    number,
+                    announcement,
+                    {str(i) for i in range(received)},
+                    (announcement.deadline_at, 0),
+                    stage=stage,
+                ),
+            )
+        except FedgeError as exc:
+            reason = str(exc)
+            self.state.finish_round(number, state="failed", reason=reason, metrics={})
+            logger.error("round %d failed: %s", number, reason)  # noqa: TRY400 - reason says it
+            return RoundOutcome(number, ok=False, version=None, reason=reason, metrics={})
+        mean = [np.asarray(b, np.float64) + m for b, m in zip(base, result.mean, strict=True)]
+        extra = {f"secagg_dropped_{stage}": count for stage, count in result.dropped.items()}
+        self._sum_result = (
+            [m.astype(b.dtype) for m, b in zip(mean, base, strict=True)],
+            {**extra, "secagg_updates": result.count},
+            result.examples,
+        )
+        return self._aggregate(announcement, plan, base, result.bytes_up)
 
     def _announce(self, plan: RoundPlan) -> RoundAnnouncement:
         release = self.current_release()
@@ -239,10 +298,14 @@ class RoundRunner:
         overrides: dict[str, Any] = dict(strategy.round_config_overrides())
         if plan.privacy is not None:
             overrides["clip_norm"] = self.privacy.clip_norm(plan.privacy)
+        if plan.secure_aggregation is not None:
+            overrides["secure_aggregation"] = plan.secure_aggregation
         config = plan.config.model_copy(
             update={**overrides, "seed": plan.config.seed + round_number}
         )
         selected = self._select(plan, round_number)
+        if plan.secure_aggregation is not None:
+            check_overflow(len(selected), plan.secure_aggregation.quantisation_levels)
         now = self.fleet.now()
         announcement = RoundAnnouncement(
             round=round_number,
@@ -428,7 +491,12 @@ class RoundRunner:
         privacy_metrics: dict[str, Any] = {}
         spent: PrivacySpent | None = None
         stored_updates = (self.state.update(number, agent) for agent in agents)
-        if plan.privacy is not None:
+        if self._sum_result is not None:
+            # Secure aggregation: the strategy gets the unmasked mean, as it would with DP.
+            weights, privacy_metrics, total_examples = self._sum_result
+            self._sum_result = None
+            aggregation.add(ClientUpdate(agent="secagg-mean", weights=weights, num_examples=1))
+        elif plan.privacy is not None:
             counted = [0]
 
             def payloads() -> Iterator[tuple[str, bytes]]:
@@ -530,19 +598,21 @@ class RoundRunner:
         announcement: RoundAnnouncement,
         received: set[str],
         deadline_and_bytes: tuple[float, int],
+        stage: str | None = None,
     ) -> None:
         if self._on_progress is None:
             return
         deadline, bytes_up = deadline_and_bytes
-        self._on_progress(
-            {
-                "round": number,
-                "selected": len(announcement.selected),
-                "received": len(received),
-                "seconds_left": max(0.0, deadline - self.fleet.now()),
-                "bytes_up": bytes_up,
-            }
-        )
+        progress: dict[str, Any] = {
+            "round": number,
+            "selected": len(announcement.selected),
+            "received": len(received),
+            "seconds_left": max(0.0, deadline - self.fleet.now()),
+            "bytes_up": bytes_up,
+        }
+        if stage is not None:
+            progress["stage"] = stage  # secure aggregation: reported before the stage opens
+        self._on_progress(progress)
 
 
 def _download_bytes(ref: Any) -> int:

@@ -161,6 +161,10 @@ class SecAggServer:
         self._revealed.add(message.agent)
         return True
 
+    @property
+    def revealed_by(self) -> set[str]:
+        return set(self._revealed)
+
     def missing(self) -> list[str]:
         """Secrets that cannot be rebuilt yet, as text; empty once the sum can be unmasked."""
         request = self.unmask_request()

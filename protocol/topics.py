@@ -15,6 +15,9 @@ Layout under a configurable root (default ``fedge``) and a fleet name::
     <root>/<fleet>/blobs/<sha256>/chunks/<index>          retained while referenced
     <root>/<fleet>/rounds/<round>/updates/<agent>/manifest
     <root>/<fleet>/rounds/<round>/updates/<agent>/chunks/<index>
+    <root>/<fleet>/rounds/<round>/secagg/<stage>                  signed: directory, unmask
+    <root>/<fleet>/rounds/<round>/secagg/inbox/<agent>            signed: shares for one agent
+    <root>/<fleet>/rounds/<round>/secagg/agents/<agent>/<stage>   keys, shares, revealed
 
 Ids (fleet, agent, camera, model version) are 1..64 characters of ``[A-Za-z0-9_.-]``, so
 they can never contain ``/``, ``+`` or ``#`` or be empty. Rounds and chunk indexes are
@@ -70,6 +73,13 @@ class TopicKind(StrEnum):
     SPLIT_MANIFEST = "split_manifest"
     SPLIT_CHUNK = "split_chunk"
     SPLIT_DONE = "split_done"
+    SECAGG_BROADCAST = "secagg_broadcast"
+    SECAGG_INBOX = "secagg_inbox"
+    SECAGG_AGENT = "secagg_agent"
+
+
+SECAGG_BROADCAST_STAGES = frozenset({"directory", "unmask"})
+SECAGG_AGENT_STAGES = frozenset({"keys", "shares", "revealed"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +94,7 @@ class ParsedTopic:
     index: int | None = None
     step: int | None = None
     direction: str | None = None
+    stage: str | None = None
 
 
 def sender(parsed: ParsedTopic, claimed: str | None = None) -> str:
@@ -291,6 +302,31 @@ class Topics:
         batch = _validate_index(step, what="step")
         return f"{self._base}/split/{number}/{validate_id(agent, what='agent id')}/{batch}"
 
+    # secure aggregation
+    def secagg_broadcast(self, round_number: int, stage: str) -> str:
+        return f"{self._secagg(round_number)}/{_stage(stage, SECAGG_BROADCAST_STAGES)}"
+
+    def secagg_inbox(self, round_number: int, agent: str) -> str:
+        return f"{self._secagg(round_number)}/inbox/{validate_id(agent, what='agent id')}"
+
+    def secagg_from_agent(self, round_number: int, agent: str, stage: str) -> str:
+        agent_id = validate_id(agent, what="agent id")
+        return (
+            f"{self._secagg(round_number)}/agents/{agent_id}/{_stage(stage, SECAGG_AGENT_STAGES)}"
+        )
+
+    def all_secagg_broadcasts(self) -> str:
+        return f"{self._base}/rounds/+/secagg/+"
+
+    def all_secagg_inboxes(self, agent: str) -> str:
+        return f"{self._base}/rounds/+/secagg/inbox/{validate_id(agent, what='agent id')}"
+
+    def all_secagg_from_agents(self) -> str:
+        return f"{self._base}/rounds/+/secagg/agents/+/+"
+
+    def _secagg(self, round_number: int) -> str:
+        return f"{self._base}/rounds/{_validate_index(round_number, what='round')}/secagg"
+
     # parsing
     def parse(self, topic: str) -> ParsedTopic:
         """Name what a concrete topic of this fleet is, or raise :class:`TopicError`."""
@@ -343,9 +379,39 @@ def _parse_split(levels: list[str]) -> ParsedTopic | None:
     )
 
 
+def _stage(stage: str, allowed: frozenset[str]) -> str:
+    if stage not in allowed:
+        raise TopicError(f"secure aggregation stage {stage!r} is not one of {sorted(allowed)}")
+    return stage
+
+
+def _parse_secagg(levels: list[str]) -> ParsedTopic | None:
+    match levels:
+        case [number, "secagg", stage] if stage in SECAGG_BROADCAST_STAGES:
+            return ParsedTopic(
+                TopicKind.SECAGG_BROADCAST, round=_parse_index(number, what="round"), stage=stage
+            )
+        case [number, "secagg", "inbox", agent]:
+            return ParsedTopic(
+                TopicKind.SECAGG_INBOX,
+                round=_parse_index(number, what="round"),
+                agent=validate_id(agent, what="agent id"),
+            )
+        case [number, "secagg", "agents", agent, stage] if stage in SECAGG_AGENT_STAGES:
+            return ParsedTopic(
+                TopicKind.SECAGG_AGENT,
+                round=_parse_index(number, what="round"),
+                agent=validate_id(agent, what="agent id"),
+                stage=stage,
+            )
+    return None
+
+
 def _parse_levels(levels: list[str]) -> ParsedTopic | None:  # noqa: PLR0911 - one return per shape
     if levels and levels[0] == "split":
         return _parse_split(levels)
+    if len(levels) > 2 and levels[0] == "rounds" and levels[2] == "secagg":
+        return _parse_secagg(levels[1:])
     match levels:
         case ["agents", agent, leaf] if leaf in _AGENT_LEAVES:
             return ParsedTopic(_AGENT_LEAVES[leaf], agent=validate_id(agent, what="agent id"))

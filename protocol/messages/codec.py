@@ -33,6 +33,14 @@ from protocol.messages.rounds import (
     RoundConfig,
     UpdateComplete,
 )
+from protocol.messages.secagg import (
+    AgentKeys,
+    EncryptedShares,
+    KeyDirectory,
+    ShareInbox,
+    UnmaskRequest,
+    UnmaskShares,
+)
 from protocol.preprocess import PreprocessSpec
 from protocol.signing import SignedMessage
 
@@ -70,6 +78,12 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     BlobManifest,
     SignedMessage,
     PreprocessSpec,
+    AgentKeys,
+    KeyDirectory,
+    EncryptedShares,
+    ShareInbox,
+    UnmaskRequest,
+    UnmaskShares,
 )
 
 AnyMessage = Annotated[
@@ -93,7 +107,13 @@ AnyMessage = Annotated[
     | CoordinatorStatus
     | BlobManifest
     | SignedMessage
-    | PreprocessSpec,
+    | PreprocessSpec
+    | AgentKeys
+    | KeyDirectory
+    | EncryptedShares
+    | ShareInbox
+    | UnmaskRequest
+    | UnmaskShares,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(AnyMessage)

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from protocol.messages.base import Id, Message, NonNegativeFloat, ShortText
 from protocol.messages.evaluation import Evaluation
+from protocol.messages.secagg import SecAggParams
 from protocol.preprocess import PreprocessSpec
 
 __all__ = [
@@ -33,6 +34,8 @@ class UpdateEncoding(StrEnum):
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     INT8 = "int8"
+    # Secure aggregation: little-endian uint32 words, quantised update plus masks mod 2^32.
+    MASKED_U32 = "masked_u32"
 
 
 class BlobRef(Message):
@@ -111,6 +114,8 @@ class RoundConfig(Message):
     eval_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
     # DP-FedAvg: every agent clips its update (the change to the weights) to this L2 norm.
     clip_norm: Annotated[float, Field(gt=0.0, le=1e6)] | None = None
+    # Secure aggregation: the coordinator sees only the sum of the updates.
+    secure_aggregation: SecAggParams | None = None
     # Fewer samples of the task's labels than this: the agent sits the round out.
     min_samples: Annotated[int, Field(ge=1, le=10**6)] = 1
 
