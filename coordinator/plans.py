@@ -7,8 +7,9 @@ from typing import Any
 
 from coordinator.dp import DP_OPTION_PREFIX, DpOptions, check_strategy
 from coordinator.rounds import RoundPlan
+from coordinator.secagg_rounds import check_secure_plan, secagg_from_options
 from coordinator.strategies import make_strategy
-from protocol.errors import FedgeError
+from protocol.errors import ConfigError, FedgeError
 from protocol.messages.commands import StartRounds
 from protocol.messages.rounds import RoundConfig, UpdateEncoding
 
@@ -72,6 +73,10 @@ def _plan(command: StartRounds, defaults: Mapping[str, Any] | None) -> RoundPlan
     if "update_encoding" in config_fields:
         config_fields["update_encoding"] = UpdateEncoding(config_fields["update_encoding"])
     config = RoundConfig.model_validate(config_fields, strict=False)
+    secure = secagg_from_options(strategy_options)
+    strategy_options = {
+        k: v for k, v in strategy_options.items() if not k.startswith(("secagg", "secure_"))
+    }
     privacy = DpOptions.from_options(strategy_options)
     strategy_options = {
         k: v for k, v in strategy_options.items() if not k.startswith(DP_OPTION_PREFIX)
@@ -79,6 +84,13 @@ def _plan(command: StartRounds, defaults: Mapping[str, Any] | None) -> RoundPlan
     make_strategy(command.strategy, **strategy_options)  # refuse a bad strategy at once
     if privacy is not None:
         check_strategy(command.strategy, strategy_options)
+    if secure is not None:
+        check_secure_plan(command.strategy, strategy_options, max_update_norm)
+        if privacy is not None:
+            raise ConfigError(
+                "DP-FedAvg with secure aggregation is not supported yet: choose one",
+                reason="secagg_dp",
+            )
     return RoundPlan(
         rounds=command.rounds,
         min_agents=command.min_agents,
@@ -89,4 +101,5 @@ def _plan(command: StartRounds, defaults: Mapping[str, Any] | None) -> RoundPlan
         config=config,
         max_update_norm=max_update_norm,
         privacy=privacy,
+        secure_aggregation=secure,
     )

@@ -28,7 +28,7 @@ from protocol.messages.codec import decode_message
 from protocol.messages.rounds import RoundAnnouncement, UpdateEncoding
 from protocol.messages.secagg import AgentKeys, EncryptedShares, SecAggParams, UnmaskShares
 
-__all__ = ["SecAggResult", "check_secure_plan", "run_secure_stages"]
+__all__ = ["SecAggResult", "check_secure_plan", "run_secure_stages", "secagg_from_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,3 +233,41 @@ def check_secure_plan(
             "secagg_clip_range instead",
             reason="secagg_validation",
         )
+
+
+_OPTION_FIELDS = {
+    "secagg_threshold": "threshold",
+    "secagg_degree": "degree",
+    "secagg_clip_range": "clip_range",
+    "secagg_quantisation_levels": "quantisation_levels",
+    "secagg_stage_deadline_s": "stage_deadline_s",
+}
+
+
+def secagg_from_options(options: dict[str, object]) -> SecAggParams | None:
+    """The ``secure_aggregation`` and ``secagg_*`` options of a start command."""
+    if not options.get("secure_aggregation"):
+        if any(key.startswith("secagg_") for key in options):
+            raise ConfigError("secagg_* options need secure_aggregation=true", reason="bad_options")
+        return None
+    unknown = sorted(k for k in options if k.startswith("secagg_") and k not in _OPTION_FIELDS)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(_OPTION_FIELDS)}",
+            reason="unknown_option",
+        )
+    fields = {_OPTION_FIELDS[k]: v for k, v in options.items() if k in _OPTION_FIELDS}
+    for name in ("threshold", "degree", "quantisation_levels"):
+        if name in fields:
+            fields[name] = int(fields[name])  # type: ignore[call-overload]
+    for name in ("clip_range", "stage_deadline_s"):
+        if name in fields:
+            fields[name] = float(fields[name])  # type: ignore[arg-type]
+    fields.setdefault("threshold", 2)
+    fields.setdefault("degree", 2 * int(fields["threshold"]))  # type: ignore[call-overload]
+    try:
+        return SecAggParams.model_validate(fields)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"invalid secure aggregation options: {exc}", reason="bad_options"
+        ) from exc

@@ -162,6 +162,35 @@ def round_group() -> None:
     help="Strategy option, e.g. --option mu=0.1 --option clip_norm=5.",
 )
 @click.option(
+    "--secure-aggregation",
+    is_flag=True,
+    help="SecAgg+: the coordinator sees only the sum of the updates (FedAvg, FedAdam, FedYogi).",
+)
+@click.option(
+    "--secagg-threshold",
+    type=click.IntRange(2),
+    default=None,
+    help="Shares needed to rebuild an agent's secret; rounds fail below it [default: 2].",
+)
+@click.option(
+    "--secagg-degree",
+    type=click.IntRange(2),
+    default=None,
+    help="Neighbours each agent shares with on the ring [default: 2 x threshold].",
+)
+@click.option(
+    "--secagg-clip-range",
+    type=click.FloatRange(0.0, min_open=True),
+    default=None,
+    help="Every update coordinate is clipped to [-c, c] before quantisation [default: 1.0].",
+)
+@click.option(
+    "--secagg-quantisation-levels",
+    type=click.IntRange(1),
+    default=None,
+    help="Quantisation steps over [-c, c]; agents x levels must stay below 2^32 [default: 2^20].",
+)
+@click.option(
     "--dp-noise-multiplier",
     type=click.FloatRange(0.0, min_open=True),
     default=None,
@@ -203,6 +232,7 @@ def round_start(
     Examples:
       fedge round start --rounds 30 --min-agents 8 --deadline 30s
       fedge round start --strategy fedadam --option eta=0.01 --encoding int8
+      fedge round start --secure-aggregation --secagg-threshold 4 --secagg-degree 8
       fedge round start --rounds 30 --dp-noise-multiplier 1.0 --dp-clip-norm 0.5 \\
           --dp-target-epsilon 8
     """
@@ -225,6 +255,7 @@ def round_start(
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
         options[key] = _option_value(value)
     options.update(_dp_options(settings))
+    options.update(_secagg_options(settings))
     command = StartRounds(
         command_id=_command_id(),
         rounds=int(settings["rounds"]),  # type: ignore[call-overload]
@@ -352,6 +383,15 @@ def _seconds(text: str) -> float:
     if value <= 0:
         raise click.BadParameter("the deadline must be positive", param_hint="--deadline")
     return value
+
+
+def _secagg_options(settings: dict[str, object]) -> dict[str, str | int | float | bool]:
+    """--secure-aggregation and the --secagg-* flags as the coordinator's options."""
+    values = {k: settings.pop(k) for k in [k for k in settings if k.startswith("secagg_")]}
+    if not settings.pop("secure_aggregation"):
+        return {}
+    chosen = {k: v for k, v in values.items() if v is not None}
+    return {"secure_aggregation": True, **chosen}  # type: ignore[dict-item]
 
 
 def _dp_options(settings: dict[str, object]) -> dict[str, str | int | float | bool]:

@@ -125,3 +125,35 @@ def test_an_agent_refuses_to_reveal_both_shares_of_one_peer() -> None:
     with pytest.raises(ProtocolError) as few:
         me.on_unmask(UnmaskRequest(round=2, survivors=("n0",), dropped=()))
     assert few.value.reason == "secagg_threshold"
+
+
+def test_start_options_make_the_plan_and_what_needs_single_updates_is_refused() -> None:
+    from coordinator.daemon import plan_from_command
+    from protocol.errors import ConfigError
+    from protocol.messages.commands import StartRounds
+
+    plan = plan_from_command(
+        StartRounds(
+            command_id="s1",
+            strategy="fedyogi",
+            options={"secure_aggregation": True, "secagg_threshold": 3, "secagg_clip_range": 0.5},
+        )
+    )
+    assert plan.secure_aggregation == SecAggParams(threshold=3, degree=6, clip_range=0.5)
+    assert plan.strategy_options == {}
+    for strategy, options, reason in (
+        ("trimmed_mean", {"secure_aggregation": True}, "secagg_strategy"),
+        ("fedavg", {"secure_aggregation": True, "max_update_norm": 3.0}, "secagg_validation"),
+        ("fedavg", {"secure_aggregation": True, "clip_norm": 3.0}, "secagg_validation"),
+        ("fedavg", {"secagg_threshold": 3}, "bad_options"),
+        (
+            "fedavg",
+            {"secure_aggregation": True, "dp_noise_multiplier": 1.0, "dp_clip_norm": 1.0},
+            "secagg_dp",
+        ),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            plan_from_command(
+                StartRounds(command_id="s2", strategy=strategy, options=dict(options))
+            )
+        assert caught.value.reason == reason, (strategy, options)
