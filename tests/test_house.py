@@ -37,6 +37,8 @@ PENDING_SPLIT: Mapping[str, str] = {
     "agent/training.py": "the trainers, under change by tasks",
     "coordinator/rounds.py": "the round runner, under change by hostile input and privacy",
     "bench/federated.py": "the federated benchmark, gaining privacy and scale rows",
+    "protocol/topics.py": "every topic in one place, just grown by secure aggregation's",
+    "fedge/commands/rounds.py": "the round commands, just grown by secure aggregation's options",
     "bench/inference.py": "the inference benchmark, being rewritten around a separate agent",
 }
 
