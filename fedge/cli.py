@@ -151,10 +151,19 @@ def _register_commands() -> None:
     from fedge.commands.agent import agent
     from fedge.commands.demo import demo
     from fedge.commands.rounds import coordinator, round_group
+    from fedge.dashboard.command import dashboard_command
     from fedge.deploy import deploy_group
 
     deploy_group.add_command(mosquitto_bridge)
-    for command in (agent, coordinator, round_group, demo, camera_command, deploy_group):
+    for command in (
+        agent,
+        coordinator,
+        round_group,
+        demo,
+        camera_command,
+        deploy_group,
+        dashboard_command,
+    ):
         cli.add_command(command)
 
 

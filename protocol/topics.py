@@ -263,6 +263,10 @@ class Topics:
         """Filter for every update manifest and chunk of one round."""
         return f"{self._base}/rounds/{_validate_index(round_number, what='round')}/updates/#"
 
+    def all_update_manifests(self) -> str:
+        """Filter for the update manifest of every agent in every round (no chunks)."""
+        return f"{self._base}/rounds/+/updates/+/manifest"
+
     def _update(self, round_number: int, agent: str) -> str:
         number = _validate_index(round_number, what="round")
         return f"{self._base}/rounds/{number}/updates/{validate_id(agent, what='agent id')}"

@@ -107,6 +107,8 @@ def test_foreign_topics_do_not_parse(topic: str) -> None:
         (TOPICS.model_chunks("v1"), TOPICS.model_chunk("v1", 9), True),
         (TOPICS.model_chunks("v1"), TOPICS.model_chunk("v2", 9), False),
         (TOPICS.round_updates(2), TOPICS.update_chunk(2, "a", 1), True),
+        (TOPICS.all_update_manifests(), TOPICS.update_manifest(2, "a"), True),
+        (TOPICS.all_update_manifests(), TOPICS.update_chunk(2, "a", 1), False),
     ],
 )
 def test_topic_matches(topic_filter: str, topic: str, *, matches: bool) -> None:
