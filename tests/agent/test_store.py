@@ -13,7 +13,8 @@ import skimage.data
 from sklearn.datasets import load_digits
 
 from agent.cleaning import CleaningPolicy, hamming, perceptual_hash
-from agent.store import STORE_DUPLICATE_DISTANCE_BITS, SampleStore, _reservoir_draw
+from agent.sample_records import _reservoir_draw
+from agent.store import STORE_DUPLICATE_DISTANCE_BITS, SampleStore
 from protocol.errors import ConfigError, StoreError
 
 JOIN_TIMEOUT_S = 60.0
