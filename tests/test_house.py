@@ -33,8 +33,6 @@ ALLOWED_LONG: Mapping[str, str] = {}
 PENDING_SPLIT: Mapping[str, str] = {
     "agent/daemon.py": "the agent's wiring, under change by the hostile-input work",
     "agent/federated.py": "the federated client, under change by tasks and privacy",
-    "agent/store.py": "the sample store, under change by tasks (embedding cache)",
-    "agent/training.py": "the trainers, under change by tasks",
     "coordinator/rounds.py": "the round runner, under change by hostile input and privacy",
     "bench/federated.py": "the federated benchmark, gaining privacy and scale rows",
     "protocol/topics.py": "every topic in one place, just grown by secure aggregation's",
