@@ -71,7 +71,8 @@ class PrivacySpec:
 
 def _run(spec: PrivacySpec, rounds: int, root: Path) -> dict[str, Any]:
     print(f"running {spec.name}, {rounds} rounds ...", flush=True)
-    run = run_once(spec, rounds, root / spec.name.replace(" ", "_").replace("=", ""))  # type: ignore[arg-type]
+    workdir = root / f"{len(list(root.iterdir())):02d}-{spec.name.replace(' ', '_')}"
+    run = run_once(spec, rounds, workdir)  # type: ignore[arg-type]
     rows = run["rounds"]
     seconds = [r["seconds"] for r in rows if r["ok"] and r["seconds"] is not None]
     up = [r["bytes_up_per_agent"] for r in rows if r["bytes_up_per_agent"]]
