@@ -149,8 +149,9 @@ def _register_commands() -> None:
     from fedge.bridge import mosquitto_bridge
     from fedge.camera import camera_command
     from fedge.commands.agent import agent
+    from fedge.commands.coordinator import coordinator
     from fedge.commands.demo import demo
-    from fedge.commands.rounds import coordinator, round_group
+    from fedge.commands.rounds import round_group
     from fedge.dashboard.command import dashboard_command
     from fedge.deploy import deploy_group
 

@@ -27,7 +27,9 @@ MAX_LINES = 400
 COMMANDS = ("fedge.cli", "fedge.commands")
 COMMAND_IMPORTERS = ("fedge/cli.py", "fedge/commands/", "fedge/__main__.py", "fedge/docs.py")
 # Modules that read better whole than split, and why.
-ALLOWED_LONG: Mapping[str, str] = {}
+ALLOWED_LONG: Mapping[str, str] = {
+    "protocol/topics.py": "the one place every topic is built and parsed: two would defeat it",
+}
 # Modules still past the limit, each with the reason it is not split yet. An entry whose
 # module has shrunk below the limit fails the test, so the list can only get shorter.
 PENDING_SPLIT: Mapping[str, str] = {
@@ -35,8 +37,6 @@ PENDING_SPLIT: Mapping[str, str] = {
     "agent/federated.py": "the federated client, under change by tasks and privacy",
     "coordinator/rounds.py": "the round runner, under change by hostile input and privacy",
     "bench/federated.py": "the federated benchmark, gaining privacy and scale rows",
-    "protocol/topics.py": "every topic in one place, just grown by secure aggregation's",
-    "fedge/commands/rounds.py": "the round commands, just grown by secure aggregation's options",
     "bench/inference.py": "the inference benchmark, being rewritten around a separate agent",
 }
 
