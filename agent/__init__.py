@@ -12,6 +12,7 @@ names, by module:
 - ``agent.store``: :class:`SampleStore`, the labelled samples a round trains on.
 - ``agent.training``: the :class:`Trainer` interface and :func:`make_trainer`.
 - ``agent.federated``: :class:`FederatedClient`, the agent's side of a round.
+- ``agent.split``: :class:`SplitWorker`, the agent's side of split learning.
 
 Nothing is imported here: OpenCV and LiteRT load only with the modules that need them.
 """

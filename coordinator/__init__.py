@@ -12,6 +12,8 @@ Layer three of four, beside ``agent`` and never importing it: it builds on ``run
 - ``coordinator.models`` and ``coordinator.production``: the model definitions and
   :class:`KerasModelProducer`, which makes releases with TensorFlow.
 - ``coordinator.reference``: the reference workload (digits, non-IID split, CNN).
+- ``coordinator.split`` and ``coordinator.split_model``: split learning's server side
+  (:class:`SplitCoordinator`) and the cut model (:class:`UpperPart`, the lower ``.tflite``).
 
 Nothing is imported here: TensorFlow loads only when a model is built.
 """

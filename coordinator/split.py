@@ -51,7 +51,7 @@ class SplitTraffic:
 
     up: dict[BatchId, int] = field(default_factory=dict)
     down: dict[BatchId, int] = field(default_factory=dict)
-    uploads: list[bytes] = field(default_factory=list)
+    uploads: list[tuple[str, bytes]] = field(default_factory=list)
     losses: dict[BatchId, float] = field(default_factory=dict)
 
 
@@ -93,6 +93,11 @@ class SplitCoordinator:
         self._inbox.put(None)
         self._thread.join(timeout=10)
 
+    @property
+    def applied(self) -> int:
+        """Batches whose upper step was committed."""
+        return self._ledger.applied
+
     def drop(self, agent: str) -> None:
         """``agent`` is gone: throw its staged step away."""
         self._inbox.put(("drop", agent.encode()))
@@ -129,7 +134,7 @@ class SplitCoordinator:
         if parsed.direction != "up":
             return
         self.traffic.up[batch] = self.traffic.up.get(batch, 0) + len(payload)
-        self.traffic.uploads.append(payload)
+        self.traffic.uploads.append((topic, payload))
         if parsed.kind is TopicKind.SPLIT_MANIFEST:
             done = self._receiver.add_manifest(batch, "up", payload)
         else:

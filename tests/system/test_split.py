@@ -64,6 +64,31 @@ def _coordinator(
     return link, holder["c"]
 
 
+def _replay_last_batch(mosquitto: Any, topics: Topics, coordinator: SplitCoordinator) -> None:
+    """Publish the last batch's upload again, as an outbox resend would; wait for its gradient."""
+    first = BatchId(1, "pi-1", STEPS - 1)
+    again = [(t, p) for t, p in coordinator.traffic.uploads if topics.parse(t).step == first.step]
+    replies: queue.Queue[str] = queue.Queue()
+
+    def deliver(topic: str, _payload: bytes) -> None:
+        replies.put(topic)
+
+    link = MqttLink(
+        parse_broker_url(mosquitto.url), client_id=f"{topics.root}-replay", on_message=deliver
+    )
+    link.subscribe(topics.agent_split_downloads("pi-1"))
+    link.start()
+    try:
+        link.wait_connected(10)
+        for topic, payload in again:
+            link.publish(topic, payload)
+        manifest = topics.split_manifest(1, "pi-1", first.step, "down")
+        while replies.get(timeout=EVENT_TIMEOUT_S) != manifest:
+            pass
+    finally:
+        link.stop()
+
+
 def _batches() -> tuple[Any, Any]:
     split = load_digits_split()
     x = split.x_train[: BATCH * STEPS].astype(np.float32).reshape(STEPS, BATCH, 8, 8, 1)
@@ -95,6 +120,11 @@ def test_split_training_equals_the_unsplit_model_through_the_broker(
         assert agent.wait(timeout=120) == 0, (tmp_path / "agent.log").read_text()
         for _ in range(STEPS):
             _event(coordinator, "committed")
+        after, up_bytes = upper.weights(), dict(coordinator.traffic.up)
+        _replay_last_batch(mosquitto, topics, coordinator)
+        assert coordinator.applied == STEPS  # the duplicate batch was answered, not applied
+        for have, want in zip(upper.weights(), after, strict=True):
+            np.testing.assert_array_equal(have, want)
     finally:
         coordinator.stop()
         link.stop()
@@ -120,11 +150,7 @@ def test_split_training_equals_the_unsplit_model_through_the_broker(
     for step in range(STEPS):
         batch = BatchId(1, "pi-1", step)
         # Up: activations plus the labels (float32, BATCH * 4 bytes); down: the gradient only.
-        assert (
-            0
-            < coordinator.traffic.up[batch] - cut_bytes(BATCH, CUT_SIZE) - BATCH * 4
-            < FRAMING_LIMIT_BYTES
-        )
+        assert 0 < up_bytes[batch] - cut_bytes(BATCH, CUT_SIZE) - BATCH * 4 < FRAMING_LIMIT_BYTES
         assert (
             0 < coordinator.traffic.down[batch] - cut_bytes(BATCH, CUT_SIZE) < FRAMING_LIMIT_BYTES
         )
