@@ -37,7 +37,6 @@ PENDING_SPLIT: Mapping[str, str] = {
     "agent/federated.py": "the federated client, under change by tasks and privacy",
     "coordinator/rounds.py": "the round runner, under change by hostile input and privacy",
     "bench/federated.py": "the federated benchmark, gaining privacy and scale rows",
-    "bench/inference.py": "the inference benchmark, being rewritten around a separate agent",
 }
 
 
