@@ -249,3 +249,22 @@ def _accepts(port: int) -> bool:
     except OSError:
         time.sleep(0.05)
         return False
+
+
+@pytest.mark.parametrize("times", [1, 2], ids=["once", "twice"])
+def test_dashboard(
+    mosquitto: MosquittoProcess, unique_root: str, commands: list[_Command], times: int
+) -> None:
+    port = free_port()
+    dashboard = _start(
+        commands,
+        "dashboard",
+        "--broker",
+        mosquitto.url,
+        "--fleet",
+        unique_root,
+        "--port",
+        str(port),
+    )
+    wait_until(lambda: _accepts(port), READY_TIMEOUT_S, what="the dashboard's port")
+    _assert_interrupted(dashboard, dashboard.interrupt(times))
