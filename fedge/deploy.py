@@ -149,6 +149,8 @@ def coordinator_rules(topics: Topics) -> tuple[AclRule, ...]:
         AclRule(r, topics.all_agent_statuses()),
         AclRule(r, topics.coordinator_commands()),
         AclRule(r, _all_updates(topics)),
+        # Its own retained releases, read back after a reconnect: proof the broker kept them.
+        AclRule(r, topics.all_model_manifests()),
     )
 
 
