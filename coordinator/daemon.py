@@ -110,6 +110,7 @@ class Coordinator:
 
     def stop(self) -> None:
         self._stopping.set()
+        self.keeper.stop()
         self.runner.request_stop()
         worker = self._worker
         if worker is not None:
@@ -166,6 +167,8 @@ class Coordinator:
 
     def _resend_blob(self, digest: str) -> bool:
         """A blob of ours an agent could not fetch, published again; False if not ours."""
+        if self._stopping.is_set():
+            return False  # the state is closing
         try:
             data = self.state.blob(digest)
         except FedgeError:
@@ -175,6 +178,8 @@ class Coordinator:
 
     def _republish_retained(self, _why: str) -> None:
         """Everything retained the coordinator owns: release, blobs, announcement, status."""
+        if self._stopping.is_set():
+            return  # the state is closing; the next start publishes all of it anyway
         self.fleet.forget_published()
         self.runner.republish_current()
         announcement = self.runner.open_announcement()

@@ -55,6 +55,15 @@ class RetainedKeeper:
         self._lock = threading.Lock()
         self._generation = 0
         self.republished = 0  # how many times the broker had to be told again
+        self._threads: list[threading.Thread] = []
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """No more republishing; wait for any under way (the caller closes the state next)."""
+        self._stopped.set()
+        self._seen.set()  # a check waiting for the manifest ends now
+        for thread in list(self._threads):
+            thread.join(30.0)
 
     def on_retained(self, topic: str, payload: bytes) -> None:
         """A message on a model manifest topic (network thread)."""
@@ -70,9 +79,7 @@ class RetainedKeeper:
             if len(self._resent_at) >= MAX_TRACKED_BLOBS:  # statuses are anyone's to forge
                 self._resent_at.clear()
             self._resent_at[digest] = now
-        threading.Thread(
-            target=self._resend, args=(digest,), name="coordinator-resend", daemon=True
-        ).start()
+        self._spawn(self._resend, digest, name="coordinator-resend")
 
     def _resend(self, digest: str) -> None:
         try:
@@ -91,9 +98,14 @@ class RetainedKeeper:
             generation = self._generation
         self._seen.clear()
         why = None if session_present else "the broker had no session for the coordinator"
-        threading.Thread(
-            target=self._check, args=(generation, why), name="coordinator-retained", daemon=True
-        ).start()
+        self._spawn(self._check, generation, why, name="coordinator-retained")
+
+    def _spawn(self, target: Callable[..., None], *args: object, name: str) -> None:
+        if self._stopped.is_set():
+            return
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
 
     def _check(self, generation: int, why: str | None) -> None:
         if why is None:
@@ -101,8 +113,8 @@ class RetainedKeeper:
                 return
             why = "the current release's retained manifest is missing on the broker"
         with self._lock:
-            if generation != self._generation:
-                return  # a newer connection checks for itself
+            if generation != self._generation or self._stopped.is_set():
+                return  # a newer connection checks for itself, or we are stopping
         self.republished += 1
         logger.warning("%s: republishing the coordinator's retained messages", why)
         try:

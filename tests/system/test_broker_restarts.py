@@ -76,7 +76,9 @@ def test_rounds_complete_after_the_broker_is_killed_at_several_points(
         _crash(broker, times=3)
         third = _round(fed, coordinator)
         assert [first.round, second.round, third.round] == [1, 2, 3]
-        assert coordinator.keeper.republished >= 1
+        if "persistence false" in broker.config_path.read_text():
+            # Nothing survived: the coordinator had to put its state back.
+            assert coordinator.keeper.republished >= 1
         rounds = [r for r in coordinator.state.rounds() if r.round >= 1]
         assert [r.state for r in rounds] == ["done", "done", "done"]
         for agent in fed.agents:
