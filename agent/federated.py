@@ -43,10 +43,12 @@ from protocol.messages.rounds import (
     UpdateComplete,
     UpdateEncoding,
 )
+from protocol.messages.variants import ActivationRanges
 from protocol.signing import SignedMessage, VerifyKey
 from protocol.tensors import Encoding
 from protocol.topics import TopicKind, Topics, topic_matches
 from protocol.updates import decode_weights, encode_update
+from runtime.calibration import measure_activation_ranges
 from runtime.mqtt import MqttLink
 from runtime.transfer import BlobFetcher
 
@@ -314,6 +316,7 @@ class FederatedClient:
             train_seconds=report.seconds,
             evaluation=evaluation,
             clipped=clipped,
+            activation_ranges=self._ranges(release, x),
         )
         self._keep_update(number, blob, complete)
         self._send_update(number, chunks, complete)
@@ -331,6 +334,16 @@ class FederatedClient:
             report.num_examples,
             len(blob),
         )
+
+    def _ranges(self, release: ModelRelease, x: np.ndarray) -> ActivationRanges | None:
+        """The float serving model's activation ranges on our samples, for int8 calibration."""
+        if release.inference is None or len(x) == 0:
+            return None
+        try:
+            return measure_activation_ranges(self.fetch(release.inference), x)
+        except (ModelError, ImportError) as exc:
+            logger.warning("no activation ranges for %s: %s", release.version, exc)
+            return None
 
     def _trainer_for(self, release: ModelRelease) -> Trainer:
         """One trainer per architecture: building (and for Keras, tracing) it is the slow part."""

@@ -19,8 +19,9 @@ from coordinator.models import get_model_definition
 from coordinator.rounds import ModelProducer
 from coordinator.state import CoordinatorState
 from coordinator.trainable_export import export_trainable_tflite
+from coordinator.variants import merged_ranges_of_round, serving_variants
 from protocol.chunks import CHUNK_HEADER_BYTES, DEFAULT_MAX_CHUNK_BYTES
-from protocol.messages.rounds import BlobRef, ModelMetrics, ModelRelease
+from protocol.messages.rounds import BlobRef, ModelMetrics, ModelRelease, ModelVariant
 from protocol.preprocess import PreprocessSpec
 from protocol.updates import encode_weights
 
@@ -57,6 +58,7 @@ class KerasModelProducer(ModelProducer):
         train_batch_size: int = 16,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         with_inference_files: bool = False,
+        central_calibration: bool = True,
     ) -> None:
         self.definition = get_model_definition(model_name)
         self._state = state
@@ -67,6 +69,8 @@ class KerasModelProducer(ModelProducer):
         self._batch_size = train_batch_size
         self._max_chunk_bytes = max_chunk_bytes
         self._with_inference = with_inference_files
+        # False: int8 is calibrated only from agents' ranges (dynamic-range without them).
+        self._central_calibration = central_calibration
         self._model: Any = None
         self._trainable: bytes | None = None
 
@@ -124,12 +128,22 @@ class KerasModelProducer(ModelProducer):
             "weights": (weights_blob, "application/vnd.fedge.tensors"),
             "trainable": (trainable, "application/vnd.tflite"),
         }
+        variants: list[tuple[dict[str, Any], bytes]] = []
         if self._with_inference:
             from coordinator.tflite_export import export_float_tflite, export_int8_tflite
 
             model = self._keras()
             model.set_weights(list(weights))
-            blobs["inference"] = (export_float_tflite(model), "application/vnd.tflite")
+            float_model = export_float_tflite(model)
+            blobs["inference"] = (float_model, "application/vnd.tflite")
+            variants = serving_variants(
+                float_model,
+                agent_ranges=merged_ranges_of_round(self._state, round_number, float_model),
+                eval_x=self._eval_x,
+                eval_y=self._eval_y,
+                central=self._central_calibration,
+            )
+            blobs.update({v["name"]: (data, "application/vnd.tflite") for v, data in variants})
             blobs["inference_int8"] = (
                 export_int8_tflite(model, self._eval_x),
                 "application/vnd.tflite",
@@ -151,5 +165,6 @@ class KerasModelProducer(ModelProducer):
             train_batch_size=self._batch_size,
             metrics=metrics,
             created_at=time.time(),
+            variants=tuple(ModelVariant(**v, blob=refs[v["name"]]) for v, _ in variants),
         )
         return release, {refs[name].sha256: data for name, (data, _) in blobs.items()}

@@ -26,6 +26,7 @@ from coordinator.secagg_rounds import check_secure_plan, run_secure_stages
 from coordinator.state import CoordinatorState, StoredUpdate
 from coordinator.strategies import ClientUpdate, Strategy, make_strategy
 from coordinator.validation import validate_update
+from coordinator.variants import note_ranges
 from protocol.chunks import CHUNK_HEADER_BYTES
 from protocol.errors import ConfigError, FedgeError, ProtocolError
 from protocol.messages.agent import ErrorEvent
@@ -468,6 +469,7 @@ class RoundRunner:
         )
         if stored:
             record_evaluation(self.state, complete)
+            note_ranges(self.state, complete)
         if not stored:
             logger.info("duplicate update from %s for round %d ignored", agent, complete.round)
         elif plan.privacy is not None and plan.privacy.adaptive:
@@ -626,6 +628,7 @@ def _can_train(agent: AgentInfo) -> bool:
 
 def _refs(release: ModelRelease) -> list[Any]:
     refs = [release.weights, release.trainable, release.inference, release.inference_int8]
+    refs += [variant.blob for variant in release.variants]
     return [ref for ref in refs if ref is not None]
 
 

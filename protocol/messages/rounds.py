@@ -10,6 +10,7 @@ from pydantic import Field
 from protocol.messages.base import Id, Message, NonNegativeFloat, ShortText
 from protocol.messages.evaluation import Evaluation
 from protocol.messages.secagg import SecAggParams
+from protocol.messages.variants import ActivationRanges, CalibrationSource
 from protocol.preprocess import PreprocessSpec
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "CoordinatorStatus",
     "ModelMetrics",
     "ModelRelease",
+    "ModelVariant",
     "PrivacySpent",
     "RoundAnnouncement",
     "RoundConfig",
@@ -53,6 +55,21 @@ class ModelMetrics(Message):
     kind: Literal["model_metrics"] = "model_metrics"
     accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     loss: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    evaluated_on: Count = 0
+
+
+class ModelVariant(Message):
+    """One serving model of a release: the float32 model or a compressed form of it."""
+
+    kind: Literal["model_variant"] = "model_variant"
+    name: Id
+    blob: BlobRef
+    quantization: Literal["float32", "int8_static", "int8_dynamic"]
+    calibration: CalibrationSource | None = None
+    # Fraction of the weights that are exactly zero.
+    sparsity: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    parameters: Count = 0
+    accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     evaluated_on: Count = 0
 
 
@@ -95,6 +112,7 @@ class ModelRelease(Message):
     metrics: ModelMetrics | None = None
     created_at: NonNegativeFloat = 0.0
     privacy: PrivacySpent | None = None
+    variants: tuple[ModelVariant, ...] = ()
 
 
 class RoundConfig(Message):
@@ -152,6 +170,8 @@ class UpdateComplete(Message):
     clipped: bool | None = None
     # Federated evaluation of the round's starting model on the agent's held-out split.
     evaluation: Evaluation | None = None
+    # Min/max of the release's float serving model over the agent's samples (int8 calibration).
+    activation_ranges: ActivationRanges | None = None
 
 
 class CoordinatorState(StrEnum):
