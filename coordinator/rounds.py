@@ -11,36 +11,35 @@ from __future__ import annotations
 import logging
 import math
 import random
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from coordinator.dp import DpOptions, check_strategy
-from coordinator.federated_eval import federated_metrics, record_evaluation
-from coordinator.fleet import AgentInfo, Fleet, ReceivedUpdate
+from coordinator.dp import check_strategy
+from coordinator.fleet import Fleet
 from coordinator.private_rounds import RoundPrivacy
-from coordinator.secagg_rounds import check_secure_plan, run_secure_stages
-from coordinator.state import CoordinatorState, StoredUpdate
-from coordinator.strategies import ClientUpdate, Strategy, make_strategy
-from coordinator.validation import validate_update
-from coordinator.variants import note_ranges
-from protocol.chunks import CHUNK_HEADER_BYTES
-from protocol.errors import ConfigError, FedgeError, ProtocolError
-from protocol.messages.agent import ErrorEvent
-from protocol.messages.rounds import (
-    ModelMetrics,
-    ModelRelease,
-    PrivacySpent,
-    RoundAnnouncement,
-    RoundConfig,
+from coordinator.round_closing import (
+    RoundClosing,
+    _can_train,
+    _refs,
 )
-from protocol.messages.secagg import SecAggParams
+from coordinator.round_plan import (
+    ModelProducer,
+    OutcomeCallback,
+    ProgressCallback,
+    RoundOutcome,
+    RoundPlan,
+    _dumps,
+)
+from coordinator.secagg_rounds import check_secure_plan, run_secure_stages
+from coordinator.state import CoordinatorState
+from protocol.errors import ConfigError, FedgeError
+from protocol.messages.rounds import (
+    ModelRelease,
+    RoundAnnouncement,
+)
 from protocol.secagg import check_overflow
-from protocol.tensors import decode_tensors, encode_tensors
-from protocol.updates import decode_update, decode_weights
+from protocol.updates import decode_weights
 
 __all__ = ["ModelProducer", "RoundOutcome", "RoundPlan", "RoundRunner"]
 
@@ -49,92 +48,7 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.25
 
 
-class ModelProducer(ABC):
-    """Turns weights into a published model; the TensorFlow one is in coordinator.production."""
-
-    @abstractmethod
-    def initial_weights(self) -> list[np.ndarray]: ...
-
-    @abstractmethod
-    def evaluate(self, weights: Sequence[np.ndarray]) -> ModelMetrics: ...
-
-    @abstractmethod
-    def release(
-        self,
-        *,
-        version: str,
-        round_number: int,
-        weights: Sequence[np.ndarray],
-        metrics: ModelMetrics | None,
-    ) -> tuple[ModelRelease, dict[str, bytes]]:
-        """The release and every blob it references, keyed by sha256."""
-
-
-@dataclass(frozen=True, slots=True)
-class RoundPlan:
-    rounds: int = 1
-    min_agents: int = 1
-    fraction: float = 1.0
-    deadline_s: float = 60.0
-    strategy: str = "fedavg"
-    strategy_options: dict[str, Any] = field(default_factory=dict)
-    config: RoundConfig = field(default_factory=RoundConfig)
-    max_update_norm: float | None = None
-    privacy: DpOptions | None = None
-    secure_aggregation: SecAggParams | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "rounds": self.rounds,
-            "min_agents": self.min_agents,
-            "fraction": self.fraction,
-            "deadline_s": self.deadline_s,
-            "strategy": self.strategy,
-            "strategy_options": self.strategy_options,
-            "config": self.config.model_dump(mode="json"),
-            "max_update_norm": self.max_update_norm,
-            "privacy": self.privacy.to_json() if self.privacy else None,
-            "secure_aggregation": (
-                self.secure_aggregation.model_dump(mode="json") if self.secure_aggregation else None
-            ),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RoundPlan:
-        return cls(
-            rounds=data["rounds"],
-            min_agents=data["min_agents"],
-            fraction=data["fraction"],
-            deadline_s=data["deadline_s"],
-            strategy=data["strategy"],
-            strategy_options=data["strategy_options"],
-            config=RoundConfig.model_validate_json(_dumps(data["config"])),
-            max_update_norm=data.get("max_update_norm"),
-            privacy=DpOptions.from_json(data["privacy"]) if data.get("privacy") else None,
-            secure_aggregation=(
-                SecAggParams.model_validate_json(_dumps(data["secure_aggregation"]))
-                if data.get("secure_aggregation")
-                else None
-            ),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class RoundOutcome:
-    round: int
-    ok: bool
-    version: str | None
-    reason: str | None
-    metrics: dict[str, Any]
-    privacy_stop: bool = False  # no round ran: the privacy budget could not pay for it
-    stopped: bool = False  # ended by a stop request before quorum, not by a missing quorum
-
-
-ProgressCallback = Callable[[dict[str, Any]], None]
-OutcomeCallback = Callable[[RoundOutcome], None]
-
-
-class RoundRunner:
+class RoundRunner(RoundClosing):
     """Runs rounds one after another; resumable from its state after a crash."""
 
     def __init__(
@@ -405,195 +319,6 @@ class RoundRunner:
             return RoundOutcome(number, ok=False, version=None, reason=reason, metrics={})
         return self._aggregate(announcement, plan, base, bytes_up)
 
-    def _accept(
-        self,
-        update: ReceivedUpdate,
-        announcement: RoundAnnouncement,
-        base: list[np.ndarray],
-        plan: RoundPlan,
-    ) -> None:
-        complete = update.complete
-        agent = complete.agent
-        try:
-            if complete.round != announcement.round:
-                raise ProtocolError(
-                    f"update for round {complete.round}, current round is {announcement.round}",
-                    reason="stale_round",
-                )
-            if agent not in announcement.selected:
-                raise ProtocolError(
-                    f"agent {agent} was not selected for round {announcement.round}",
-                    reason="not_selected",
-                )
-            if complete.base_model_version != announcement.release.version:
-                raise ProtocolError(
-                    f"update trained from {complete.base_model_version}, "
-                    f"round uses {announcement.release.version}",
-                    reason="wrong_base",
-                )
-            deltas = decode_update(update.payload)
-            if len(deltas) != len(base):
-                raise ProtocolError(
-                    f"update has {len(deltas)} tensors, the model has {len(base)}",
-                    reason="wrong_count",
-                )
-            for index, (delta, reference) in enumerate(zip(deltas, base, strict=True)):
-                if delta.shape != reference.shape:
-                    raise ProtocolError(
-                        f"tensor {index} has shape {delta.shape}, the model's is {reference.shape}",
-                        reason="wrong_shape",
-                    )
-            weights = [b + d for b, d in zip(base, deltas, strict=True)]
-            validate_update(weights, reference=base, max_norm=plan.max_update_norm)
-        except FedgeError as exc:
-            logger.warning("update from %s refused: %s", agent, exc)
-            self.fleet.reject(
-                ErrorEvent(
-                    reason=exc.reason,
-                    message=f"update from {agent} refused: {exc}",
-                    timestamp=self.fleet.now(),
-                ),
-                agent=agent,
-            )
-            return
-        stored = self.state.add_update(
-            StoredUpdate(
-                round=complete.round,
-                agent=agent,
-                num_examples=complete.num_examples,
-                encoding=complete.encoding.value,
-                payload=update.payload,
-                loss=complete.loss,
-                accuracy=complete.accuracy,
-            )
-        )
-        if stored:
-            record_evaluation(self.state, complete)
-            note_ranges(self.state, complete)
-        if not stored:
-            logger.info("duplicate update from %s for round %d ignored", agent, complete.round)
-        elif plan.privacy is not None and plan.privacy.adaptive:
-            self.privacy.note(complete)
-
-    def _aggregate(
-        self,
-        announcement: RoundAnnouncement,
-        plan: RoundPlan,
-        base: list[np.ndarray],
-        bytes_up: int,
-    ) -> RoundOutcome:
-        number = announcement.round
-        strategy = self._strategy(plan)
-        saved = self._strategy_state_before(number)
-        if saved is not None:
-            strategy.load_state_dict(_decode_state(saved, self.state))
-        aggregation = strategy.begin(base)
-        total_examples = 0
-        agents = sorted(self.state.update_agents(number))
-        privacy_metrics: dict[str, Any] = {}
-        spent: PrivacySpent | None = None
-        stored_updates = (self.state.update(number, agent) for agent in agents)
-        if self._sum_result is not None:
-            # Secure aggregation: the strategy gets the unmasked mean, as it would with DP.
-            weights, privacy_metrics, total_examples = self._sum_result
-            self._sum_result = None
-            aggregation.add(ClientUpdate(agent="secagg-mean", weights=weights, num_examples=1))
-        elif plan.privacy is not None:
-            counted = [0]
-
-            def payloads() -> Iterator[tuple[str, bytes]]:
-                for stored in stored_updates:
-                    assert stored is not None
-                    counted[0] += stored.num_examples
-                    yield stored.agent, stored.payload
-
-            noisy, privacy_metrics, spent = self.privacy.aggregate(
-                number, base, payloads(), plan.privacy
-            )
-            total_examples = counted[0]
-            # The strategy sees one update, the noisy mean: FedAvg keeps it, a server
-            # optimiser steps along it.
-            aggregation.add(ClientUpdate(agent="dp-mean", weights=noisy, num_examples=1))
-        else:
-            for stored in stored_updates:
-                assert stored is not None
-                deltas = decode_update(stored.payload)
-                weights = [b + d for b, d in zip(base, deltas, strict=True)]
-                aggregation.add(
-                    ClientUpdate(
-                        agent=stored.agent, weights=weights, num_examples=stored.num_examples
-                    )
-                )
-                total_examples += stored.num_examples
-        new_weights = aggregation.result()
-        self.state.put(
-            f"strategy_state_r{number}", _encode_state(strategy.state_dict(), self.state)
-        )
-        metrics_model = self.producer.evaluate(new_weights)
-        version = f"r{number}"
-        release = self._publish(
-            version=version,
-            round_number=number,
-            weights=new_weights,
-            metrics=metrics_model,
-            privacy=spent,
-        )
-        record = self.state.round(number)
-        started = record.started_at if record else self.fleet.now()
-        metrics = {
-            "accuracy": metrics_model.accuracy,
-            "loss": metrics_model.loss,
-            "updates": len(agents),
-            "selected": len(announcement.selected),
-            "examples": total_examples,
-            "bytes_up": bytes_up,
-            "bytes_down_per_agent": _download_bytes(announcement.release.weights),
-            "version": release.version,
-            "seconds": max(0.0, self.fleet.now() - started),
-            **privacy_metrics,
-            **federated_metrics(self.state, number, agents),
-        }
-        self.state.finish_round(number, state="done", reason=None, metrics=metrics)
-        logger.info(
-            "round %d done: accuracy %s from %d updates",
-            number,
-            metrics_model.accuracy,
-            len(agents),
-        )
-        return RoundOutcome(number, ok=True, version=version, reason=None, metrics=metrics)
-
-    def _publish(
-        self,
-        *,
-        version: str,
-        round_number: int,
-        weights: Sequence[np.ndarray],
-        metrics: ModelMetrics | None,
-        privacy: PrivacySpent | None = None,
-    ) -> ModelRelease:
-        release, blobs = self.producer.release(
-            version=version, round_number=round_number, weights=weights, metrics=metrics
-        )
-        if privacy is not None:
-            release = release.model_copy(update={"privacy": privacy})
-        for sha256, data in blobs.items():
-            self.state.put_blob(sha256, data)
-        self.state.put_release(version, round_number, release.model_dump_json())
-        self.fleet.publish_release(release, blobs)
-        self.state.put("current_version", version)
-        return release
-
-    def _strategy_state_before(self, number: int) -> dict[str, Any] | None:
-        """The server optimiser's state after the newest successful round before ``number``."""
-        for earlier in range(number - 1, 0, -1):
-            saved = self.state.get(f"strategy_state_r{earlier}")
-            if saved is not None:
-                return dict(saved)
-        return None
-
-    def _strategy(self, plan: RoundPlan) -> Strategy:
-        return make_strategy(plan.strategy, **plan.strategy_options)
-
     def _progress(
         self,
         number: int,
@@ -615,51 +340,3 @@ class RoundRunner:
         if stage is not None:
             progress["stage"] = stage  # secure aggregation: reported before the stage opens
         self._on_progress(progress)
-
-
-def _download_bytes(ref: Any) -> int:
-    """What fetching one blob costs on the wire: its bytes plus a header per chunk."""
-    return int(ref.size_bytes + ref.chunk_count * CHUNK_HEADER_BYTES)
-
-
-def _can_train(agent: AgentInfo) -> bool:
-    return agent.online and agent.can_train
-
-
-def _refs(release: ModelRelease) -> list[Any]:
-    refs = [release.weights, release.trainable, release.inference, release.inference_int8]
-    refs += [variant.blob for variant in release.variants]
-    return [ref for ref in refs if ref is not None]
-
-
-def _encode_state(state: dict[str, Any], store: CoordinatorState) -> dict[str, Any]:
-    """Strategy state as JSON; arrays go to the blob table, referenced by hash."""
-    import hashlib
-
-    encoded: dict[str, Any] = {}
-    for key, value in state.items():
-        if isinstance(value, list) and value and isinstance(value[0], np.ndarray):
-            data = encode_tensors({f"s{i}": a for i, a in enumerate(value)})
-            digest = hashlib.sha256(data).hexdigest()
-            store.put_blob(digest, data)
-            encoded[key] = {"arrays": digest}
-        else:
-            encoded[key] = value
-    return encoded
-
-
-def _decode_state(encoded: dict[str, Any], store: CoordinatorState) -> dict[str, Any]:
-    state: dict[str, Any] = {}
-    for key, value in encoded.items():
-        if isinstance(value, dict) and "arrays" in value:
-            tensors = decode_tensors(store.blob(value["arrays"]))
-            state[key] = [tensors[f"s{i}"] for i in range(len(tensors))]
-        else:
-            state[key] = value
-    return state
-
-
-def _dumps(value: Any) -> str:
-    import json
-
-    return json.dumps(value)

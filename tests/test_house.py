@@ -35,7 +35,6 @@ ALLOWED_LONG: Mapping[str, str] = {
 PENDING_SPLIT: Mapping[str, str] = {
     "agent/daemon.py": "the agent's wiring, under change by the hostile-input work",
     "agent/federated.py": "the federated client, under change by tasks and privacy",
-    "coordinator/rounds.py": "the round runner, under change by hostile input and privacy",
 }
 
 
