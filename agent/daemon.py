@@ -8,50 +8,34 @@ worker answers commands. Everything that must arrive goes through the outbox.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import ClassVar
+from dataclasses import dataclass
 
 from agent.cleaning import CleaningPolicy, FrameCleaner
+from agent.commands import AgentCommands
 from agent.config import AgentConfig
 from agent.discovery import agent_discovery
 from agent.federated import FederatedClient
 from agent.intake import FrameIntake, PendingFrame
-from agent.metrics import AgentReadings, register_agent_metrics
+from agent.metrics import register_agent_metrics
 from agent.model import ServingModel, load_serving_model
-from agent.model_files import confined_file
 from agent.outbox import Outbox
 from agent.pipeline import FrameProcessor, InferenceOptions
 from agent.privacy import LocalDp
 from agent.store import SampleStore
 from agent.training import available_trainers
-from protocol.errors import ConfigError, FedgeError, MessageError, TopicError
+from protocol.errors import ConfigError, FedgeError, TopicError
 from protocol.messages.agent import (
     AgentState,
     AgentStatus,
-    Capabilities,
-    CommandAck,
     ErrorEvent,
-    FrameCounters,
 )
-from protocol.messages.base import Message
-from protocol.messages.codec import decode_message, encode_message
-from protocol.messages.commands import (
-    LabelFrame,
-    LoadModel,
-    Ping,
-    RequestStatus,
-    SetOptions,
-)
+from protocol.messages.codec import encode_message
 from protocol.signing import load_verify_key
 from protocol.topics import TopicKind, topic_matches
-from runtime import __version__
 from runtime.metrics import MetricsServer, new_registry
 from runtime.mqtt import MqttLink, Will
 
@@ -59,12 +43,9 @@ __all__ = ["Agent"]
 
 logger = logging.getLogger(__name__)
 
-COMMAND_TYPES = (Ping, RequestStatus, LoadModel, SetOptions, LabelFrame)
-MAX_COMMAND_BYTES = 64 * 1024
 MAX_PENDING_COMMANDS = 256
 WORKER_POLL_S = 0.2
 
-CommandDetail = dict[str, str | int | float | bool | None]
 CONNECT_TIMEOUT_S = 30.0
 
 
@@ -74,7 +55,7 @@ class _RecentFrame:
     image: bytes
 
 
-class Agent:
+class Agent(AgentCommands):
     """One agent process. ``start()`` returns at once; ``stop()`` ends every thread."""
 
     def __init__(self, config: AgentConfig) -> None:
@@ -300,149 +281,6 @@ class Agent:
                 continue
             self._handle_command(topic, payload)
 
-    def _handle_command(self, topic: str, payload: bytes) -> None:
-        try:
-            command = decode_message(payload, COMMAND_TYPES, max_bytes=MAX_COMMAND_BYTES)
-        except MessageError as exc:
-            self._emit_error(exc.reason, f"command refused: {exc}", topic)
-            return
-        handler = self._handlers[type(command)]
-        try:
-            detail = handler(self, command)
-        except FedgeError as exc:
-            self._ack(command, ok=False, reason=exc.reason, message=str(exc))
-            return
-        except Exception as exc:
-            logger.exception("command %s failed", command.kind)  # type: ignore[attr-defined]
-            self._ack(command, ok=False, reason="internal", message=str(exc))
-            return
-        self._ack(command, ok=True, detail=detail)
-
-    def _ack(
-        self,
-        command: Message,
-        *,
-        ok: bool,
-        reason: str | None = None,
-        message: str | None = None,
-        detail: CommandDetail | None = None,
-    ) -> None:
-        ack = CommandAck.answering(command, ok=ok, reason=reason, message=message, detail=detail)
-        self._publish(self.topics.agent_events(self.config.agent_id), encode_message(ack))
-
-    def _on_ping(self, _command: Ping) -> CommandDetail:
-        return {"pong": True, "agent": self.config.agent_id}
-
-    def _on_status(self, _command: RequestStatus) -> CommandDetail:
-        self._publish_status()
-        counts = self.intake.counts
-        return {
-            "model_version": self.serving.version if self.serving else None,
-            "received": counts.received,
-            "processed": counts.processed,
-            "dropped_stale": counts.dropped_stale,
-            "dropped_rate": counts.dropped_rate,
-            "rejected": counts.rejected,
-            "outbox": len(self.outbox),
-            "outbox_dropped": self.outbox.dropped,
-            "samples": sum(self.store.counts().values()),
-        }
-
-    def _on_load_model(self, command: LoadModel) -> CommandDetail:
-        if command.path is None:
-            raise FedgeError(
-                "load_model needs a path on the agent (fleet versions arrive with rounds)",
-                reason="bad_command",
-            )
-        roots, limit = self.config.effective_models_dirs, self.config.max_model_bytes
-        path = confined_file(command.path, roots, max_bytes=limit, what="model")
-        labels = None
-        if command.labels_path:
-            labels = confined_file(command.labels_path, roots, max_bytes=limit, what="labels")
-        preprocess = _sibling(path, "preprocess.json")
-        if preprocess is not None:
-            preprocess = confined_file(str(preprocess), roots, max_bytes=limit, what="spec")
-        serving = load_serving_model(
-            path,
-            version=command.version or path.stem,
-            labels_path=labels,
-            preprocess_path=preprocess,
-            num_threads=self.config.num_threads,
-            runtime=None if self.config.runtime == "auto" else self.config.runtime,
-        )
-        previous = self.serving.version if self.serving else None
-        self.serving = serving  # the swap: the worker picks it up with its next frame
-        self._publish_status()
-        return {"model_version": serving.version, "previous": previous}
-
-    def _on_set_options(self, command: SetOptions) -> CommandDetail:
-        fields = ("top_k", "threshold", "detection_threshold", "max_objects", "iou_threshold")
-        changes = {f: getattr(command, f) for f in fields if getattr(command, f) is not None}
-        self.options = replace(self.options, **changes)
-        if command.max_fps is not None:
-            self.intake.set_max_fps(command.max_fps)
-        detail: CommandDetail = {f: getattr(self.options, f) for f in fields}
-        return detail | {"max_fps": self.intake.max_fps}
-
-    def _on_label(self, command: LabelFrame) -> CommandDetail:
-        with self._recent_lock:
-            recent = self._recent.get(command.frame_id)
-        if recent is None or (command.source is not None and command.source != recent.source):
-            raise FedgeError(
-                f"frame {command.frame_id!r} is not among the last "
-                f"{self.config.recent_frames} frames",
-                reason="unknown_frame",
-            )
-        reason = self._store_sample(recent.image, command.label, recent.source)
-        if reason is not None:
-            raise FedgeError(f"sample not stored: {reason}", reason=reason)
-        self._publish_status()
-        return {"frame_id": command.frame_id, "label": command.label}
-
-    _handlers: ClassVar[dict[type[Message], Callable[..., CommandDetail]]] = {
-        Ping: _on_ping,
-        RequestStatus: _on_status,
-        LoadModel: _on_load_model,
-        SetOptions: _on_set_options,
-        LabelFrame: _on_label,
-    }
-
-    # outgoing
-    def _status(self, state: AgentState) -> AgentStatus:
-        counts = self.intake.counts
-        return AgentStatus(
-            agent=self.config.agent_id,
-            state=state,
-            timestamp=time.time(),
-            capabilities=Capabilities(
-                runtime=self._runtime_name(),
-                can_train=self.federated is not None,
-                trainers=tuple(self._trainers),
-                agent_version=__version__,
-                model_version=self.serving.version if self.serving else None,
-            ),
-            samples_by_label=self.store.counts(),
-            frames=FrameCounters(
-                received=counts.received,
-                processed=counts.processed,
-                dropped_stale=counts.dropped_stale,
-                dropped_rate=counts.dropped_rate,
-                rejected=counts.rejected,
-            ),
-            resident_bytes=resident_bytes(),
-            waiting_for=self.federated.waiting_for if self.federated is not None else None,
-            stalled_blob=self.federated.stalled_blob if self.federated is not None else None,
-        )
-
-    def _readings(self) -> AgentReadings:
-        return AgentReadings(
-            counts=self.intake.counts,
-            errors=lambda: self.errors_emitted,
-            outbox_size=lambda: len(self.outbox),
-            outbox_dropped=lambda: self.outbox.dropped,
-            model_version=lambda: self.serving.version if self.serving else None,
-        )
-
     def _federated_client(self) -> FederatedClient | None:
         if self.config.coordinator_key is None:
             logger.info("no coordinator key configured: not taking part in federated rounds")
@@ -489,21 +327,6 @@ class Agent:
     def _swap(self, serving: ServingModel) -> None:
         self.serving = serving  # the worker picks it up with its next frame
         self._publish_status()
-
-    def _runtime_name(self) -> str:
-        if self.serving is None:
-            return "none"
-        runtime = self.serving.model.runtime
-        return f"{runtime.name} {runtime.version}"
-
-    def _publish_status(self) -> None:
-        if self._stopping.is_set():
-            return
-        status = self._status(AgentState.ONLINE)
-        # Status is retained state, not an event: the newest wins, so no outbox row.
-        self.link.publish(
-            self.topics.agent_status(self.config.agent_id), encode_message(status), retain=True
-        )
 
     def _status_ticker(self) -> None:
         while not self._stopping.wait(self.config.status_interval_s):
@@ -554,17 +377,3 @@ class Agent:
         )
         thread.start()
         self._threads.append(thread)
-
-
-def _sibling(path: Path, name: str) -> Path | None:
-    candidate = path.with_name(name)
-    return candidate if candidate.is_file() else None
-
-
-def resident_bytes() -> int | None:
-    """This process's resident memory, from /proc (Linux); None where there is none."""
-    try:
-        fields = Path("/proc/self/statm").read_text().split()
-        return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
