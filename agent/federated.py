@@ -25,19 +25,21 @@ from typing import TypeVar
 
 import numpy as np
 
-from agent.augment import Augmenter
-from agent.model import ServingModel
+from agent.federated_io import (
+    FederatedIO,
+    SwapCallback,
+    TrainableServingModel,
+)
 from agent.privacy import LocalDp, privatise_update
 from agent.secagg_stages import AgentSecAgg
 from agent.store import SampleStore
 from agent.training import TrainConfig, Trainer, make_trainer
-from agent.transfer_task import TransferTasks, sample_input
-from protocol.chunks import BlobManifest, split_blob
+from agent.transfer_task import TransferTasks
+from protocol.chunks import split_blob
 from protocol.errors import FedgeError, ModelError
 from protocol.messages.base import Message
 from protocol.messages.codec import decode_message, encode_message
 from protocol.messages.rounds import (
-    BlobRef,
     ModelRelease,
     RoundAnnouncement,
     UpdateComplete,
@@ -56,14 +58,11 @@ __all__ = ["FederatedClient", "TrainableServingModel"]
 
 logger = logging.getLogger(__name__)
 
-BLOB_TIMEOUT_S = 120.0
-FETCH_STALL_S = 10.0  # no new chunk for this long: say so in the status (the owner resends)
 ROUNDS_REMEMBERED = 64
 
 M = TypeVar("M", bound=Message)
 Publish = Callable[[str, bytes], None]
 ErrorReporter = Callable[[str, str], None]
-SwapCallback = Callable[[ServingModel], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,28 +71,7 @@ class _Job:
     release: ModelRelease | None = None
 
 
-class TrainableServingModel:
-    """Serves a fleet release through the trainable model's ``infer`` signature."""
-
-    def __init__(self, trainer: Trainer, runtime: object) -> None:
-        from agent.runtime import TensorInfo
-
-        self._trainer = trainer
-        self._lock = threading.Lock()
-        self.runtime = runtime
-        shape = trainer.input_shape
-        self.input_details = TensorInfo("x", (1, *shape), "float32", 0.0, 0)
-        self.output_details = (TensorInfo("output", (1, trainer.num_classes), "float32", 0.0, 0),)
-
-    def predict(self, batch: np.ndarray) -> list[np.ndarray]:
-        x = np.asarray(batch, np.float32)
-        if x.ndim == len(self.input_details.shape) - 1:
-            x = x[np.newaxis]
-        with self._lock:
-            return [np.asarray(self._trainer.predict(x), np.float32)]
-
-
-class FederatedClient:
+class FederatedClient(FederatedIO):
     def __init__(
         self,
         *,
@@ -393,146 +371,6 @@ class FederatedClient:
         logger.info("round %d announced again: update sent again", number)
 
     # data
-    def dataset(
-        self, release: ModelRelease, *, augment_seed: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The store's samples as model inputs and label indexes, in a stable order.
-
-        With ``augment_seed``, every image goes through the (seeded) training augmentation
-        before the release's preprocessing, so each round sees different variations.
-        """
-        index = {label: i for i, label in enumerate(release.labels)}
-        augmenter = Augmenter(seed=augment_seed) if augment_seed is not None else None
-        inputs, targets = [], []
-        for sample in sorted(self._store.samples(), key=lambda s: s.sample_id):
-            if sample.label not in index:
-                continue
-            image = sample_input(self._store, sample, release.preprocess, augmenter)
-            if image is not None:
-                inputs.append(image)
-                targets.append(index[sample.label])
-        if not inputs:
-            return np.zeros((0,), np.float32), np.zeros((0,), np.int32)
-        return np.stack(inputs).astype(np.float32), np.asarray(targets, np.int32)
-
-    def other_labels(self, release: ModelRelease) -> dict[str, int]:
-        """Samples held whose labels the task does not name: counted, never trained on."""
-        wanted = set(release.labels)
-        counts: dict[str, int] = {}
-        for sample in self._store.samples():
-            if sample.label not in wanted:
-                counts[sample.label] = counts.get(sample.label, 0) + 1
-        return dict(sorted(counts.items()))
-
-    # blobs
-    def fetch(self, ref: BlobRef, timeout_s: float = BLOB_TIMEOUT_S) -> bytes:
-        """A blob by hash: from the local cache, else from its retained chunks (resumable)."""
-        cached = self._blob_dir / ref.sha256
-        if cached.is_file():
-            data = cached.read_bytes()
-            if len(data) == ref.size_bytes:
-                return data
-        manifest = BlobManifest(
-            sha256=ref.sha256,
-            size_bytes=ref.size_bytes,
-            chunk_bytes=ref.chunk_bytes,
-            chunk_count=ref.chunk_count,
-            content_type=ref.content_type,
-        )
-        fetcher = BlobFetcher(
-            self._link,
-            manifest,
-            chunk_topic=lambda i: self.topics.blob_chunk(ref.sha256, i),
-            spool_root=self._dir / "spool",
-        )
-        with self._fetch_lock:
-            self._fetchers[ref.sha256] = fetcher
-        self._waiting(
-            f"the {ref.chunk_count} retained chunks of blob {ref.sha256[:12]} "
-            f"({ref.size_bytes} bytes)"
-        )
-        try:
-            fetcher.start()
-            data = self._wait_for(fetcher, ref, timeout_s)
-        finally:
-            fetcher.stop()
-            with self._fetch_lock:
-                self._fetchers.pop(ref.sha256, None)
-            self.stalled_blob = None
-            self._waiting(None)
-        temporary = cached.with_suffix(".tmp")
-        temporary.write_bytes(data)
-        temporary.replace(cached)
-        fetcher.discard_spool()
-        return data
-
-    def _wait_for(self, fetcher: BlobFetcher, ref: BlobRef, timeout_s: float) -> bytes:
-        """The blob; a fetch that stalls is announced in the status until chunks come again."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            seen = fetcher.chunks_new
-            slice_s = min(FETCH_STALL_S, max(0.0, deadline - time.monotonic()))
-            try:
-                return fetcher.wait(slice_s)
-            except FedgeError as exc:
-                if exc.reason != "timeout" or time.monotonic() >= deadline:
-                    raise
-            stalled = fetcher.chunks_new == seen
-            if stalled != (self.stalled_blob is not None):
-                self.stalled_blob = ref.sha256 if stalled else None
-                state = "stalled, asking the coordinator to resend" if stalled else "resumed"
-                self._waiting(f"the retained chunks of blob {ref.sha256[:12]} ({state})")
-
-    def _waiting(self, what: str | None) -> None:
-        self.waiting_for = what
-        if what is not None:
-            logger.info("waiting for %s", what)
-        if self._on_waiting is not None:
-            self._on_waiting()
-
-    # hot swap
-    def _maybe_swap(self, release: ModelRelease) -> None:
-        if self._on_swap is None or release.round <= self._serving_round:
-            return
-        if release.recipe == "transfer":
-            weights = decode_weights(self.fetch(release.weights))
-            self._serving_round = release.round
-            self._on_swap(self._transfer.serving(release, weights))
-            logger.info("now serving fleet model %s (backbone and head)", release.version)
-            return
-        trainable = self.fetch(release.trainable)
-        weights = decode_weights(self.fetch(release.weights))
-        trainer = make_trainer(
-            "litert",
-            trainable_tflite=trainable,
-            model_name=release.model_name,
-            batch_size=release.train_batch_size,
-        )
-        trainer.set_weights(weights)
-        from agent.runtime import load_interpreter_class
-
-        model = TrainableServingModel(trainer, load_interpreter_class())
-        expected = (
-            release.preprocess.height,
-            release.preprocess.width,
-            release.preprocess.channels,
-        )
-        if tuple(model.input_details.shape[1:]) != expected:
-            raise ModelError(
-                f"release {release.version} spec does not fit its model", reason="spec_mismatch"
-            )
-        serving = ServingModel(
-            model=model,  # type: ignore[arg-type]
-            spec=release.preprocess,
-            version=release.version,
-            labels=release.labels,
-            classifier=True,
-        )
-        self._serving_round = release.round
-        self._on_swap(serving)
-        logger.info("now serving fleet model %s", release.version)
-
-    # round bookkeeping
     def _load_done(self) -> set[int]:
         try:
             return set(json.loads(self._state_path.read_text()).get("rounds_done", []))
