@@ -32,8 +32,7 @@ ALLOWED_LONG: Mapping[str, str] = {
 }
 # Modules still past the limit, each with the reason it is not split yet. An entry whose
 # module has shrunk below the limit fails the test, so the list can only get shorter.
-PENDING_SPLIT: Mapping[str, str] = {
-}
+PENDING_SPLIT: Mapping[str, str] = {}
 
 
 def _modules(root: Path, packages: tuple[str, ...]) -> Iterator[tuple[str, Path]]:
@@ -202,3 +201,13 @@ def test_an_oversized_module_is_found(tmp_path: Path) -> None:
         {"agent/small.py": "x = 1\n" * MAX_LINES, "agent/big.py": "x = 1\n" * (MAX_LINES + 1)},
     )
     assert oversized_modules(root) == {"agent/big.py": MAX_LINES + 1}
+
+
+def test_benchmarks_leave_sys_path_alone() -> None:
+    # A script's own folder is on sys.path already; anything more would hide a wrong import.
+    touched = [
+        path.name
+        for path in sorted((REPO / "bench").glob("*.py"))
+        if "sys.path" in path.read_text()
+    ]
+    assert touched == []
