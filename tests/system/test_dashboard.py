@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -40,6 +41,7 @@ APT_TIMEOUT_S = 900
 SERVER_UP_TIMEOUT_S = 60.0
 FLEET_UP_TIMEOUT_S = 240.0
 ROUND_TIMEOUT_S = 240.0
+STALE_LOOKUPS = 20
 OFFLINE_TIMEOUT_S = 10.0  # "within a few seconds": the broker sends the last will at once
 SCREENSHOT_ENV = "FEDGE_DASHBOARD_SCREENSHOT"
 
@@ -124,8 +126,17 @@ def _get(url: str) -> Any:
 
 
 def _text(driver: WebDriver, selector: str) -> str:
-    found = driver.find_elements(By.CSS_SELECTOR, selector)
-    return found[0].text if found else ""
+    # The live page re-renders rows as events arrive: an element found a moment ago may be
+    # gone by the time its text is read, so look it up again.
+    for _ in range(STALE_LOOKUPS):
+        found = driver.find_elements(By.CSS_SELECTOR, selector)
+        if not found:
+            return ""
+        try:
+            return str(found[0].text)
+        except StaleElementReferenceException:
+            continue
+    return ""
 
 
 def _wait_text(driver: WebDriver, selector: str, expected: str, timeout_s: float) -> None:
