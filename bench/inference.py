@@ -64,20 +64,7 @@ __all__ = ["main"]
 
 _log = logging.getLogger(__name__)
 
-REFERENCE_EPOCHS = 5
-CNN_SIDE_PX = 224
-CNN_CLASSES = 10
-CNN_SEED = 0
-# Sized so that one invocation takes 10-20 ms with one thread, like a small real CNN.
-CNN_FILTERS = (24, 48, 96, 192)
-PHOTO_WIDTH_PX = 640
-PHOTO_HEIGHT_PX = 480
-JPEG_QUALITY = 90
-PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
-DIGIT_FRAMES = 50
 AGENT_ID = "bench-1"
-AGENT_CONNECT_TIMEOUT_S = 30.0
-RESULT_TIMEOUT_S = 120.0
 WARMUP_FRAMES = 5
 DEFAULT_OUT = Path("bench/results/inference.json")
 
