@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from fedge.commands.common import console
-from fedge.interrupts import INTERRUPTED_EXIT_STATUS
+from fedge.control.interrupts import INTERRUPTED_EXIT_STATUS
 from protocol.errors import FedgeError
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from fedge.interrupts import INTERRUPTED_EXIT_STATUS, Interrupted, StopSignals
+from fedge.control.interrupts import INTERRUPTED_EXIT_STATUS, Interrupted, StopSignals
 from protocol.errors import ConfigError, TopicError
 from protocol.topics import DEFAULT_FLEET, DEFAULT_ROOT, Topics, validate_filter
 

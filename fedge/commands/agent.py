@@ -66,7 +66,7 @@ def agent_run(config_path: Path | None, **overrides: object) -> None:
       FEDGE_MAX_FPS=5 fedge agent run --model model.tflite
     """
     from agent.daemon import Agent
-    from fedge.interrupts import StopSignals
+    from fedge.control.interrupts import StopSignals
 
     config = _agent_config(config_path, **overrides)
     with StopSignals() as stops:

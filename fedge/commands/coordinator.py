@@ -60,7 +60,7 @@ def coordinator_run(config_path: Path | None, **overrides: object) -> None:
     """
     from coordinator.config import load_coordinator_config
     from coordinator.daemon import Coordinator
-    from fedge.interrupts import StopSignals
+    from fedge.control.interrupts import StopSignals
 
     config = load_coordinator_config(config_path, **overrides)
     console.print("coordinator starting (building the model takes a few seconds)...")

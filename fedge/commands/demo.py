@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 
 from fedge.commands.common import console
-from fedge.interrupts import INTERRUPTED_EXIT_STATUS
+from fedge.control.interrupts import INTERRUPTED_EXIT_STATUS
 
 if TYPE_CHECKING:
     pass
@@ -70,8 +70,9 @@ def demo(
       fedge demo --agents 6 --rounds 12
       fedge demo --broker mqtt://127.0.0.1:1883
     """
-    from fedge.demo import DemoSettings, run_demo
-    from fedge.interrupts import StopSignals
+    from fedge.control.interrupts import StopSignals
+    from fedge.demo.run import run_demo
+    from fedge.demo.settings import DemoSettings
 
     settings = DemoSettings(
         agents=agents,

@@ -178,7 +178,7 @@ def round_start(
       fedge round start --rounds 30 --dp-noise-multiplier 1.0 --dp-clip-norm 0.5 \\
           --dp-target-epsilon 8
     """
-    from fedge.remote import send_command
+    from fedge.control.remote import send_command
     from protocol.messages.commands import StartRounds
     from protocol.topics import Topics
     from runtime.mqtt import parse_broker_url
@@ -249,7 +249,7 @@ def round_stop(
     import getpass
     import socket
 
-    from fedge.remote import send_command
+    from fedge.control.remote import send_command
     from protocol.messages.commands import StopRounds
     from protocol.topics import Topics
     from runtime.mqtt import parse_broker_url
@@ -293,7 +293,7 @@ def round_status(
       fedge round status
       fedge round status --watch
     """
-    from fedge.remote import show_status
+    from fedge.control.remote import show_status
     from protocol.topics import Topics
     from runtime.mqtt import parse_broker_url
 

@@ -3,7 +3,7 @@
 Routes: ``/`` (the page), ``/static/...`` (its script, styles and vendored uPlot),
 ``/api/state`` (a snapshot), ``/api/events`` (server-sent events, one snapshot per change),
 ``/api/config`` (whether this client may act), ``POST /api/rounds/start`` and
-``POST /api/rounds/stop``. Actions go through :func:`fedge.remote.send_command`, the path
+``POST /api/rounds/stop``. Actions go through :func:`fedge.control.remote.send_command`, the path
 of ``fedge round start`` and ``fedge round stop``.
 """
 
@@ -29,8 +29,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from fedge.control.remote import send_command
 from fedge.dashboard.state import FleetView
-from fedge.remote import send_command
 from protocol.errors import FedgeError
 from protocol.messages.base import Message
 from protocol.messages.commands import StartRounds, StopRounds

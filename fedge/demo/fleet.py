@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedge.control.interrupts import StopSignals
 from fedge.demo.settings import START_TIMEOUT_S
-from fedge.interrupts import StopSignals
 from protocol.errors import TransportError
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class Processes:
 
     Children run in sessions of their own, so a terminal's Ctrl-C reaches only the demo,
     which stops them in order. The demo's signal handler never raises (see
-    ``fedge.interrupts``), so a child is always in ``children`` once ``Popen`` returned.
+    ``fedge.control.interrupts``), so a child is always in ``children`` once ``Popen`` returned.
     """
 
     def __init__(self, logs: Path) -> None:

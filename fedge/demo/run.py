@@ -17,6 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.live import Live
 
+from fedge.control.interrupts import StopSignals
 from fedge.demo.fleet import (
     Processes,
     free_port,
@@ -36,7 +37,6 @@ from fedge.demo.live import (
     view,
 )
 from fedge.demo.settings import BROKER_PASSWORD, BROKER_USER, DemoSettings
-from fedge.interrupts import StopSignals
 from protocol.errors import ConfigError, FedgeError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def run_demo(
     """Run the demo; returns the report that is also written to ``workdir/report.json``.
 
     With ``stops`` (installed by the command), a first Ctrl-C makes the demo raise
-    :class:`fedge.interrupts.Interrupted` at its next safe point, after which every process
+    :class:`fedge.control.interrupts.Interrupted` at its next safe point, after which every process
     it started is stopped; a second one kills them all at once.
     """
     if settings.agents < 2:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from fedge.interrupts import StopSignals
+from fedge.control.interrupts import StopSignals
 from protocol.errors import FedgeError, TransportError
 from protocol.messages.agent import CommandAck
 from protocol.messages.base import Message

@@ -1,0 +1,1 @@
+"""Steering running fedge processes: Ctrl-C handling, commands to a running coordinator."""
