@@ -26,6 +26,8 @@ class AgentInfo:
     online: bool
     can_train: bool
     trainers: tuple[str, ...] = ()
+    # Samples the agent holds, by label: which tasks it has data for.
+    samples_by_label: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

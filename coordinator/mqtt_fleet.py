@@ -206,6 +206,7 @@ class MqttFleet(Fleet):
             online=status.state is AgentState.ONLINE,
             can_train=bool(capabilities and capabilities.can_train),
             trainers=capabilities.trainers if capabilities else (),
+            samples_by_label=tuple(sorted(status.samples_by_label.items())),
         )
         with self._lock:
             self._agents[status.agent] = info

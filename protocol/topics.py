@@ -18,6 +18,9 @@ Layout under a configurable root (default ``fedge``) and a fleet name::
     <root>/<fleet>/rounds/<round>/secagg/<stage>                  signed: directory, unmask
     <root>/<fleet>/rounds/<round>/secagg/inbox/<agent>            signed: shares for one agent
     <root>/<fleet>/rounds/<round>/secagg/agents/<agent>/<stage>   keys, shares, revealed
+    <root>/<fleet>/tasks/<task>/rounds/current            the same round, model, blob and
+    <root>/<fleet>/tasks/<task>/...                        update topics, per task, when
+                                                           several tasks run at once
 
 Ids (fleet, agent, camera, model version) are 1..64 characters of ``[A-Za-z0-9_.-]``, so
 they can never contain ``/``, ``+`` or ``#`` or be empty. Rounds and chunk indexes are
@@ -170,17 +173,39 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
 class Topics:
     """Builds and parses the topics of one fleet under one root prefix."""
 
-    def __init__(self, *, root: str = DEFAULT_ROOT, fleet: str = DEFAULT_FLEET) -> None:
+    def __init__(
+        self, *, root: str = DEFAULT_ROOT, fleet: str = DEFAULT_FLEET, task: str | None = None
+    ) -> None:
         root_levels = root.split("/")
         for level in root_levels:
             validate_id(level, what="root level")
         self.root = root
         self.fleet = validate_id(fleet, what="fleet")
+        self.task = None if task is None else validate_id(task, what="task")
         self._base = f"{root}/{fleet}"
         self._base_levels = len(root_levels) + 1
+        # A task's rounds, models, blobs and updates live under its own level, so tasks that
+        # run at once on one fleet never see each other's; agents and cameras stay shared.
+        self._work = self._base if task is None else f"{self._base}/tasks/{task}"
 
     def __repr__(self) -> str:
-        return f"Topics(root={self.root!r}, fleet={self.fleet!r})"
+        task = f", task={self.task!r}" if self.task is not None else ""
+        return f"Topics(root={self.root!r}, fleet={self.fleet!r}{task})"
+
+    def for_task(self, task: str) -> Topics:
+        """The same fleet's topics for one of several tasks run at once."""
+        return Topics(root=self.root, fleet=self.fleet, task=task)
+
+    def all_task_announcements(self) -> str:
+        """Filter for the current-round announcement of every named task."""
+        return f"{self._base}/tasks/+/rounds/current"
+
+    def task_of(self, topic: str) -> str | None:
+        """The task a topic of this fleet names (``.../tasks/<task>/...``), else None."""
+        levels = topic.split("/")[self._base_levels :]
+        if not topic.startswith(self._base + "/") or len(levels) < 3 or levels[0] != "tasks":
+            return None
+        return validate_id(levels[1], what="task")
 
     # agents
     def agent_status(self, agent: str) -> str:
@@ -226,7 +251,7 @@ class Topics:
 
     # rounds and models
     def round_current(self) -> str:
-        return f"{self._base}/rounds/current"
+        return f"{self._work}/rounds/current"
 
     def model_manifest(self, version: str) -> str:
         return f"{self._model(version)}/manifest"
@@ -241,16 +266,16 @@ class Topics:
     def blob_chunk(self, sha256: str, index: int) -> str:
         """A chunk of a content-addressed blob (model weights, .tflite files)."""
         digest = validate_id(sha256, what="blob hash")
-        return f"{self._base}/blobs/{digest}/chunks/{_validate_index(index, what='chunk index')}"
+        return f"{self._work}/blobs/{digest}/chunks/{_validate_index(index, what='chunk index')}"
 
     def all_model_manifests(self) -> str:
-        return f"{self._base}/models/+/manifest"
+        return f"{self._work}/models/+/manifest"
 
     def all_blob_chunks(self) -> str:
-        return f"{self._base}/blobs/+/chunks/+"
+        return f"{self._work}/blobs/+/chunks/+"
 
     def _model(self, version: str) -> str:
-        return f"{self._base}/models/{validate_id(version, what='model version')}"
+        return f"{self._work}/models/{validate_id(version, what='model version')}"
 
     def update_manifest(self, round_number: int, agent: str) -> str:
         return f"{self._update(round_number, agent)}/manifest"
@@ -261,15 +286,15 @@ class Topics:
 
     def round_updates(self, round_number: int) -> str:
         """Filter for every update manifest and chunk of one round."""
-        return f"{self._base}/rounds/{_validate_index(round_number, what='round')}/updates/#"
+        return f"{self._work}/rounds/{_validate_index(round_number, what='round')}/updates/#"
 
     def all_update_manifests(self) -> str:
         """Filter for the update manifest of every agent in every round (no chunks)."""
-        return f"{self._base}/rounds/+/updates/+/manifest"
+        return f"{self._work}/rounds/+/updates/+/manifest"
 
     def _update(self, round_number: int, agent: str) -> str:
         number = _validate_index(round_number, what="round")
-        return f"{self._base}/rounds/{number}/updates/{validate_id(agent, what='agent id')}"
+        return f"{self._work}/rounds/{number}/updates/{validate_id(agent, what='agent id')}"
 
     # split learning: one batch's activations go up, its gradient comes down
     def split_manifest(self, round_number: int, agent: str, step: int, direction: str) -> str:
@@ -287,14 +312,14 @@ class Topics:
 
     def all_split_uploads(self) -> str:
         """Filter for every agent's activations and done notices (the coordinator's side)."""
-        return f"{self._base}/split/+/+/+/up/#"
+        return f"{self._work}/split/+/+/+/up/#"
 
     def all_split_done(self) -> str:
-        return f"{self._base}/split/+/+/+/done"
+        return f"{self._work}/split/+/+/+/done"
 
     def agent_split_downloads(self, agent: str) -> str:
         """Filter for the gradients sent to one agent."""
-        return f"{self._base}/split/+/{validate_id(agent, what='agent id')}/+/down/#"
+        return f"{self._work}/split/+/{validate_id(agent, what='agent id')}/+/down/#"
 
     def _split(self, round_number: int, agent: str, step: int, direction: str) -> str:
         if direction not in _SPLIT_DIRECTIONS:
@@ -304,7 +329,7 @@ class Topics:
     def _split_batch(self, round_number: int, agent: str, step: int) -> str:
         number = _validate_index(round_number, what="round")
         batch = _validate_index(step, what="step")
-        return f"{self._base}/split/{number}/{validate_id(agent, what='agent id')}/{batch}"
+        return f"{self._work}/split/{number}/{validate_id(agent, what='agent id')}/{batch}"
 
     # secure aggregation
     def secagg_broadcast(self, round_number: int, stage: str) -> str:
@@ -320,16 +345,16 @@ class Topics:
         )
 
     def all_secagg_broadcasts(self) -> str:
-        return f"{self._base}/rounds/+/secagg/+"
+        return f"{self._work}/rounds/+/secagg/+"
 
     def all_secagg_inboxes(self, agent: str) -> str:
-        return f"{self._base}/rounds/+/secagg/inbox/{validate_id(agent, what='agent id')}"
+        return f"{self._work}/rounds/+/secagg/inbox/{validate_id(agent, what='agent id')}"
 
     def all_secagg_from_agents(self) -> str:
-        return f"{self._base}/rounds/+/secagg/agents/+/+"
+        return f"{self._work}/rounds/+/secagg/agents/+/+"
 
     def _secagg(self, round_number: int) -> str:
-        return f"{self._base}/rounds/{_validate_index(round_number, what='round')}/secagg"
+        return f"{self._work}/rounds/{_validate_index(round_number, what='round')}/secagg"
 
     # parsing
     def parse(self, topic: str) -> ParsedTopic:
@@ -340,9 +365,15 @@ class Topics:
         if not topic.startswith(prefix):
             raise TopicError(f"topic {topic!r} is not under {self._base!r}")
         levels = topic[len(prefix) :].split("/")
+        task = None
+        if levels[0] == "tasks" and len(levels) > 2:
+            task, levels = levels[1], levels[2:]
         parsed = _parse_levels(levels)
-        if parsed is None:
+        if parsed is None or (task is not None and parsed.kind in _FLEET_KINDS):
             raise TopicError(f"topic {topic!r} is not a fedge topic")
+        if parsed.kind not in _FLEET_KINDS and task != self.task:
+            # Another task's rounds (or the fleet's own, seen from a task): not ours.
+            raise TopicError(f"topic {topic!r} belongs to task {task!r}, not {self.task!r}")
         return parsed
 
 
@@ -359,6 +390,10 @@ _COORDINATOR_LEAVES = {
 }
 
 _SPLIT_DIRECTIONS = frozenset({"up", "down"})
+# Topics every task shares; the rest (rounds, models, blobs, updates) are per task.
+_FLEET_KINDS = frozenset(
+    {*_AGENT_LEAVES.values(), *_COORDINATOR_LEAVES.values(), TopicKind.CAMERA_FRAMES}
+)
 
 
 def _parse_split(levels: list[str]) -> ParsedTopic | None:

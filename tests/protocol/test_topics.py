@@ -140,3 +140,37 @@ def test_the_sender_is_the_agent_of_the_topic() -> None:
     assert refused.value.reason == "wrong_agent"
     with pytest.raises(TopicError):
         sender(TOPICS.parse(TOPICS.coordinator_status()))
+
+
+def test_a_task_has_its_own_round_topics_and_shares_the_fleet_ones() -> None:
+    task = TOPICS.for_task("door")
+    assert task.round_current() == "site1/fedge/lab/tasks/door/rounds/current"
+    assert (
+        task.update_chunk(4, "pi-1", 0)
+        == "site1/fedge/lab/tasks/door/rounds/4/updates/pi-1/chunks/0"
+    )
+    assert task.blob_chunk("ab" * 32, 1).startswith("site1/fedge/lab/tasks/door/blobs/")
+    assert task.agent_status("pi-1") == TOPICS.agent_status("pi-1")
+    assert task.coordinator_events() == TOPICS.coordinator_events()
+    assert task.parse(task.update_manifest(4, "pi-1")) == TOPICS.parse(
+        TOPICS.update_manifest(4, "pi-1")
+    )
+    assert task.parse(TOPICS.agent_status("pi-1")).kind is TopicKind.AGENT_STATUS
+    assert topic_matches(TOPICS.all_task_announcements(), task.round_current())
+    assert TOPICS.task_of(task.model_manifest("r1")) == "door"
+    assert TOPICS.task_of(TOPICS.model_manifest("r1")) is None
+
+
+@pytest.mark.parametrize(
+    ("reader", "topic"),
+    [
+        (TOPICS, TOPICS.for_task("door").round_current()),
+        (TOPICS, TOPICS.for_task("door").update_chunk(1, "a", 0)),
+        (TOPICS.for_task("door"), TOPICS.round_current()),
+        (TOPICS.for_task("door"), TOPICS.for_task("gate").update_manifest(1, "a")),
+        (TOPICS.for_task("door"), "site1/fedge/lab/tasks/door/agents/a/status"),
+    ],
+)
+def test_a_task_never_reads_another_tasks_round_topics(reader: Topics, topic: str) -> None:
+    with pytest.raises(TopicError):
+        reader.parse(topic)
