@@ -130,11 +130,12 @@ class KerasModelProducer(ModelProducer):
         }
         variants: list[tuple[dict[str, Any], bytes]] = []
         if self._with_inference:
-            from coordinator.tflite_export import export_float_tflite, export_int8_tflite
+            from coordinator.serving_files import export_serving_tflite
+            from coordinator.tflite_export import export_int8_tflite
 
             model = self._keras()
             model.set_weights(list(weights))
-            float_model = export_float_tflite(model)
+            float_model = export_serving_tflite(model)
             blobs["inference"] = (float_model, "application/vnd.tflite")
             variants = serving_variants(
                 float_model,

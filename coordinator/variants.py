@@ -20,6 +20,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from coordinator.serving_files import activation_table
 from coordinator.state import CoordinatorState
 from protocol.errors import FedgeError, ModelError
 from protocol.messages.rounds import UpdateComplete
@@ -109,25 +110,19 @@ def carried_over(
     ranges: ActivationRanges, measured_on: bytes, target: bytes
 ) -> ActivationRanges | None:
     """Agents measured the previous release's float model; the converter may name the new
-    one's tensors differently (Keras numbers layers per process). Same architecture means
-    the same tensors in the same order with the same shapes: map names by position."""
-    old, new = _tensor_table(measured_on), _tensor_table(target)
+    one's tensors differently (Keras numbers layers per process, and it folds zero biases of
+    the initial weights away, which changes the constants). Ranges are of activations only,
+    and the same architecture computes the same activations in the same order with the same
+    shapes: map names by position among the activations."""
+    old, new = activation_table(measured_on), activation_table(target)
     if [shape for _, shape in old] != [shape for _, shape in new]:
         logger.warning(
-            "agents' ranges are of a model with other tensors (%d vs %d)", len(old), len(new)
+            "agents' ranges are of a model with other activations (%d vs %d)", len(old), len(new)
         )
         return None
     names = {o: n for (o, _), (n, _) in zip(old, new, strict=True)}
     tensors = {names[k]: v for k, v in ranges.tensors.items() if k in names}
     return ranges.model_copy(update={"tensors": tensors})
-
-
-def _tensor_table(tflite: bytes) -> list[tuple[str, tuple[int, ...]]]:
-    from ai_edge_litert.interpreter import Interpreter
-
-    details = Interpreter(model_content=tflite).get_tensor_details()
-    ordered = sorted(details, key=lambda d: int(d["index"]))
-    return [(str(d["name"]), tuple(int(n) for n in d["shape"])) for d in ordered]
 
 
 def quantize_int8(

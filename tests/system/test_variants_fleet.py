@@ -21,9 +21,9 @@ def test_agents_send_activation_ranges_and_the_release_carries_int8(
         outcomes = coordinator.run_plan_now(RoundPlan(rounds=2, min_agents=3, deadline_s=40.0))
         assert all(outcome.ok for outcome in outcomes), [o.reason for o in outcomes]
         first = ModelRelease.model_validate_json(coordinator.state.release_json("r1") or "")
-        # r1's ranges are of r0's float model, whose zero biases the converter folds away: a
-        # different tensor table, so r1 falls back to the central set (logged).
-        assert {v.name: v.calibration for v in first.variants}["int8"] == "central"
+        # r1's ranges are of r0's float model, whose zero biases the converter folds away:
+        # other constants, the same activations, so the agents' ranges carry over.
+        assert {v.name: v.calibration for v in first.variants}["int8"] == "agents"
         text = coordinator.state.release_json("r2")
         assert text is not None
         release = ModelRelease.model_validate_json(text)
@@ -34,7 +34,7 @@ def test_agents_send_activation_ranges_and_the_release_carries_int8(
         assert (int8.quantization, int8.calibration) == ("int8_static", "agents")
         assert release.inference is not None
         assert f32.blob.sha256 == release.inference.sha256
-        assert int8.blob.size_bytes < 0.4 * f32.blob.size_bytes
+        assert int8.blob.size_bytes < 0.36 * f32.blob.size_bytes
         assert int8.accuracy is not None
         assert f32.accuracy is not None
         # One round in, the model is barely trained; the 1-point bound is checked on a trained
