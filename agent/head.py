@@ -10,6 +10,18 @@ hand (backpropagation through softmax, Dense and relu). The shared training loop
 :class:`agent.training.Trainer` (shuffling, batches, validation hold-out, FedProx) drives it,
 so a head trains the same way a LiteRT or Keras model does. Float64 inside a step keeps it
 exact to float32 rounding against any other implementation of the same maths.
+
+Standardised steps (on by default). Backbone features often carry large common offsets and
+very unequal spreads (the transfer workload's: means up to 8.5 where the spread is 0.4), and
+plain SGD then crawls along the mean direction: on the workload's non-IID split, FedAvg's
+10-round accuracy swung by 15 points with the round seeds. So :meth:`HeadTrainer.train` takes
+its SGD steps in the coordinates of the features standardised by the statistics of the
+examples it is given: the first kernel and bias are mapped there (``W' = s W``,
+``b' = b + m W``), trained on ``(x - m) / s``, and mapped back. The model, its weights and
+what travels stay in raw feature coordinates (the same function before and after each map),
+so FedAvg still averages raw deltas; only the optimiser is preconditioned, per agent and per
+call, as a local Adam would be. FedProx's proximal term then acts in those coordinates.
+``standardise=False`` gives plain SGD on raw features, step for step what Keras does.
 """
 
 from __future__ import annotations
@@ -20,12 +32,15 @@ from typing import ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from agent.training import FloatArray, TrainConfig, Trainer, _Step
+from agent.training import FloatArray, TrainConfig, Trainer, TrainReport, _Step
 from protocol.errors import ModelError
 
 __all__ = ["HeadTrainer"]
 
 _PROBABILITY_EPSILON = 1e-7
+# A feature whose spread is below this share of the widest one is only centred, not scaled:
+# dividing by a near-zero spread would turn tiny steps into huge raw-coordinate weights.
+_MIN_SCALE_RATIO = 1e-3
 
 
 def _forward(weights: Sequence[np.ndarray], x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
@@ -47,7 +62,7 @@ class HeadTrainer(Trainer):
 
     name: ClassVar[str] = "head"
 
-    def __init__(self, weights: Sequence[npt.ArrayLike]) -> None:
+    def __init__(self, weights: Sequence[npt.ArrayLike], *, standardise: bool = True) -> None:
         arrays = [np.asarray(w, dtype=np.float32) for w in weights]
         if len(arrays) < 2 or len(arrays) % 2:
             raise ModelError(
@@ -64,6 +79,7 @@ class HeadTrainer(Trainer):
                 )
         self._shapes = [a.shape for a in arrays]
         self._weights = arrays
+        self._standardise = standardise
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -83,6 +99,28 @@ class HeadTrainer(Trainer):
         inputs = self._check_inputs(x).astype(np.float64)
         _, probabilities = _forward([w.astype(np.float64) for w in self._weights], inputs)
         return probabilities.astype(np.float32)
+
+    def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> TrainReport:
+        """Train in place; with ``standardise``, in standardised coordinates (module docstring)."""
+        if not self._standardise:
+            return super().train(x, y, config)
+        inputs = self._check_inputs(x).astype(np.float64)
+        mean = inputs.mean(axis=0)
+        spread = inputs.std(axis=0)
+        scale = np.where(spread > _MIN_SCALE_RATIO * spread.max(), spread, 1.0)
+        raw = [w.astype(np.float64) for w in self._weights]
+        self._weights = [
+            (raw[0] * scale[:, np.newaxis]).astype(np.float32),
+            (raw[1] + mean @ raw[0]).astype(np.float32),
+            *self._weights[2:],
+        ]
+        try:
+            report = super().train(((inputs - mean) / scale).astype(np.float32), y, config)
+        finally:
+            kernel = self._weights[0].astype(np.float64) / scale[:, np.newaxis]
+            bias = self._weights[1].astype(np.float64) - mean @ kernel
+            self._weights = [kernel.astype(np.float32), bias.astype(np.float32), *self._weights[2:]]
+        return report
 
     def _make_step(self, config: TrainConfig, start: list[FloatArray]) -> _Step:
         lr = config.learning_rate

@@ -1,6 +1,6 @@
 """A transfer task end to end: federated head training next to a centrally trained head.
 
-    python bench/transfer.py [--agents 4] [--rounds 10] [--epochs 10] [--lr 0.05]
+    python bench/transfer.py [--agents 4] [--rounds 10] [--epochs 10] [--lr 0.1]
                              [--out bench/results/transfer.json]
 
 The workload is :mod:`coordinator.transfer_workload` (scikit-learn's digits rendered as 64x64
@@ -115,7 +115,7 @@ def _agent_seconds(
     biggest = max(parts, key=lambda p: len(p.train_y))
     head = HeadTrainer(head_initial_weights(backbone.feature_size, (), len(TASK_LABELS), seed=0))
     report = head.train(
-        biggest.train_x, biggest.train_y, TrainConfig(epochs=epochs, learning_rate=0.05)
+        biggest.train_x, biggest.train_y, TrainConfig(epochs=epochs, learning_rate=0.1)
     )
     return {"embed_once_s": embed_s, "head_round_s": report.seconds, "samples": len(share)}
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agents", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=10, help="local epochs per round")
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fedge-transfer-") as tmp:

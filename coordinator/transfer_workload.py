@@ -117,7 +117,7 @@ def _write_png(path: Path, rgb: npt.NDArray[np.uint8]) -> None:
     path.write_bytes(encoded.tobytes())
 
 
-def task_toml(backbone: str, *, rounds_epochs: int = 10, learning_rate: float = 0.05) -> str:
+def task_toml(backbone: str, *, rounds_epochs: int = 10, learning_rate: float = 0.1) -> str:
     labels = ", ".join(f'"{label}"' for label in TASK_LABELS)
     return f"""name = "colour-digits"
 labels = [{labels}]

@@ -38,9 +38,9 @@ pytestmark = [pytest.mark.broker, pytest.mark.system]
 AGENTS = 4
 ROUNDS = 11  # the eleventh round's updates evaluate round 10's model
 EVAL_FRACTION = 0.2
-FEDERATED_GAP = 0.05
+FEDERATED_GAP = 0.02  # the acceptance: within 2 points of the central head
 EPOCHS = 10
-LEARNING_RATE = 0.05
+LEARNING_RATE = 0.1
 RESULT_TIMEOUT_S = 60.0
 _SPEC = PreprocessSpec(height=64, width=64)
 
@@ -106,9 +106,9 @@ def test_agents_without_tensorflow_train_a_transfer_head_and_serve_it(
             learning_rate=LEARNING_RATE,
         )
         _, central = heads[-1].evaluate(held_x, held_y)
-        # Measured here: federated 0.857 against central 0.895 on the same 133 held-out
-        # examples: FedAvg over this Dirichlet(0.5) split is 3-5 points short of the
-        # centrally trained head after 10 rounds, not within the 2 points aimed at.
+        # Measured here (in-process replay of these rounds, five round/head seeds): with the
+        # head's standardised steps federated 0.91-0.925 against central 0.91-0.917 on the
+        # same 133 held-out examples; with plain SGD it was 0.72-0.865 against 0.88-0.895.
         assert federated["federated_accuracy"] >= central - FEDERATED_GAP, (federated, central)
         assert central > 0.85
 
