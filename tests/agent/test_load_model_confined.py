@@ -89,12 +89,13 @@ def test_load_model_reads_only_regular_files_inside_the_models_directory(
 
             collector.wait_for(lambda m: "good" in acks(m), RESULT_TIMEOUT_S)
             answered = acks(None)
+            # The stranger's paths first: each refused with its reason, none of them read.
+            for command_id, path in ids.items():
+                ack = answered[command_id]
+                assert not ack.ok
+                assert ack.reason == cases[path], (path, ack)
             assert answered["good"].ok, answered["good"]
             assert agent.serving is not None
             assert agent.serving.version == "digits-int8"
     finally:
         disconnect(client)
-    for command_id, path in ids.items():
-        ack = answered[command_id]
-        assert not ack.ok
-        assert ack.reason == cases[path], (path, ack)
