@@ -293,7 +293,8 @@ class FederatedClient(FederatedIO):
             accuracy=report.val_accuracy,
             train_seconds=report.seconds,
             evaluation=evaluation,
-            clipped=clipped,
+            # Under secure aggregation whether the update was clipped is a bit about it alone.
+            clipped=None if secure is not None else clipped,
             activation_ranges=self._ranges(release, x),
         )
         self._keep_update(number, blob, complete)

@@ -6,12 +6,15 @@ for its recipient; uploads its quantised update plus its self mask plus and minu
 pairwise masks of its neighbours that shared in time; and, asked to unmask, reveals for each
 neighbour either the seed share (the neighbour uploaded) or the key share (it dropped),
 never both for the same neighbour in one round, and nothing if fewer than ``t`` uploaded
-(the sum of so few would say too much about each).
+(the sum of so few would say too much about each). With distributed DP the round's
+parameters carry a noise std: the agent adds its discrete Gaussian share of the noise to
+the quantised update before the masks (see :mod:`coordinator.distributed_dp`).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import struct
 from collections.abc import Sequence
 
@@ -35,10 +38,13 @@ from protocol.messages.secagg import (
     unb64,
 )
 from protocol.secagg import (
+    MODULUS,
     decrypt_share,
+    discrete_gaussian,
     encrypt_share,
     mask_vector,
     neighbours,
+    noise_steps,
     pair_sign,
     pairwise_seed,
     public_bytes,
@@ -136,12 +142,20 @@ class SecAggClient:
         self._sharers = frozenset(inbox.sharers)
 
     def masked(self, values: Sequence[float] | np.ndarray) -> np.ndarray:
-        """The upload: quantised values + self mask +- pairwise masks, mod 2^32."""
+        """The upload: quantised values (+ DP noise) + self mask +- pairwise masks, mod 2^32."""
         if self._sharers is None:
             raise ProtocolError("masked upload before the share inbox", reason="secagg_order")
         params = self.params
         vector = quantise(values, clip=params.clip_range, levels=params.quantisation_levels)
         length = vector.size
+        if params.dp_noise_stddev > 0.0:
+            # This agent's share of the round's noise, in whole steps, from fresh OS entropy:
+            # added before masking, so only the noisy sum is ever unmasked.
+            sigma = noise_steps(
+                params.dp_noise_stddev, clip=params.clip_range, levels=params.quantisation_levels
+            )
+            noise = discrete_gaussian(sigma, length, np.random.default_rng(secrets.randbits(128)))
+            vector += (noise % MODULUS).astype(np.uint32)
         vector += mask_vector(self._seed, length)  # uint32 arithmetic wraps mod 2^32
         for peer in self._neighbours:
             if peer not in self._sharers:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from coordinator.distributed_dp import check_distributed_plan
 from coordinator.dp import DP_OPTION_PREFIX, DpOptions, check_strategy
 from coordinator.rounds import RoundPlan
 from coordinator.secagg_rounds import check_secure_plan, secagg_from_options
 from coordinator.strategies import make_strategy
-from protocol.errors import ConfigError, FedgeError
+from protocol.errors import FedgeError
 from protocol.messages.commands import StartRounds
 from protocol.messages.rounds import RoundConfig, UpdateEncoding
 
@@ -87,10 +88,7 @@ def _plan(command: StartRounds, defaults: Mapping[str, Any] | None) -> RoundPlan
     if secure is not None:
         check_secure_plan(command.strategy, strategy_options, max_update_norm)
         if privacy is not None:
-            raise ConfigError(
-                "DP-FedAvg with secure aggregation is not supported yet: choose one",
-                reason="secagg_dp",
-            )
+            check_distributed_plan(privacy, secure)
     return RoundPlan(
         rounds=command.rounds,
         min_agents=command.min_agents,

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 
 from coordinator.accountant import ACCOUNTING, epsilon_spent
+from coordinator.distributed_dp import DISTRIBUTED_ACCOUNTING, accounted_multiplier
 from coordinator.dp import DpOptions, next_clip_norm, private_mean
 from coordinator.state import CoordinatorState
-from protocol.messages.rounds import PrivacySpent, UpdateComplete
+from protocol.errors import ConfigError
+from protocol.messages.rounds import PrivacySpent, RoundConfig, UpdateComplete
 from protocol.updates import decode_update
 
 __all__ = ["RoundPrivacy"]
@@ -43,17 +45,83 @@ class RoundPrivacy:
     def spent(self, delta: float) -> float:
         return epsilon_spent(self.multipliers(), delta)
 
-    def refusal(self, options: DpOptions) -> str | None:
-        """Why one more round would break the budget; None when it fits (or there is none)."""
+    def refusal(self, options: DpOptions, multiplier: float | None = None) -> str | None:
+        """Why one more round would break the budget; None when it fits (or there is none).
+
+        ``multiplier``: what the round will be charged as, when not ``options``' own.
+        """
         if options.target_epsilon is None:
             return None
-        after = epsilon_spent([*self.multipliers(), options.noise_multiplier], options.delta)
+        charged = options.noise_multiplier if multiplier is None else multiplier
+        after = epsilon_spent([*self.multipliers(), charged], options.delta)
         if after <= options.target_epsilon:
             return None
         return (
             f"privacy budget: one more round would spend epsilon {after:.4g} at delta "
             f"{options.delta:g}, above the budget of {options.target_epsilon:g} "
             f"({len(self.multipliers())} rounds charged, {self.spent(options.delta):.4g} spent)"
+        )
+
+    def charge(
+        self,
+        number: int,
+        options: DpOptions,
+        *,
+        clip_norm: float,
+        multiplier: float,
+        accounting: str = ACCOUNTING,
+    ) -> tuple[dict[str, Any], PrivacySpent]:
+        """Write round ``number``'s Gaussian event (of ``multiplier``) to the ledger.
+
+        Returns the round's DP metrics and the (epsilon, delta) spent with it.
+        """
+        ledger = [
+            *(self._state.get(LEDGER_KEY) or []),
+            {"round": number, "noise_multiplier": multiplier},
+        ]
+        self._state.put(LEDGER_KEY, ledger)
+        epsilon = self.spent(options.delta)
+        spent = PrivacySpent(
+            epsilon=epsilon,
+            delta=options.delta,
+            rounds=len(ledger),
+            noise_multiplier=multiplier,
+            clip_norm=clip_norm,
+            accounting=accounting,
+            target_epsilon=options.target_epsilon,
+        )
+        metrics = {
+            "dp_epsilon": epsilon,
+            "dp_delta": options.delta,
+            "dp_noise_multiplier": options.noise_multiplier,
+            "dp_accounted_multiplier": multiplier,
+            "dp_clip_norm": clip_norm,
+        }
+        return metrics, spent
+
+    def charge_secure(
+        self, number: int, options: DpOptions, config: RoundConfig, *, length: int
+    ) -> tuple[dict[str, Any], PrivacySpent]:
+        """:meth:`charge` for a secure round: its noise came from the agents, in steps."""
+        params, clip_norm = config.secure_aggregation, config.clip_norm
+        if params is None or clip_norm is None:
+            raise ConfigError("a DP secure round without its parameters", reason="bad_dp")
+        multiplier = accounted_multiplier(options, params, clip_norm=clip_norm, length=length)
+        logger.info(
+            "round %d: agents' noise std %.4g each (C=%.4g, z=%.3g, t=%d), charged as z=%.6g",
+            number,
+            params.dp_noise_stddev,
+            clip_norm,
+            options.noise_multiplier,
+            params.threshold,
+            multiplier,
+        )
+        return self.charge(
+            number,
+            options,
+            clip_norm=clip_norm,
+            multiplier=multiplier,
+            accounting=DISTRIBUTED_ACCOUNTING,
         )
 
     def clip_norm(self, options: DpOptions) -> float:
@@ -91,41 +159,24 @@ class RoundPrivacy:
         # Fresh OS entropy for every aggregation: noise anyone could replay protects nothing.
         rng = np.random.default_rng(secrets.randbits(128))
         mean, count, within = private_mean(deltas(), clip_norm=clip_norm, options=options, rng=rng)
-        ledger = [
-            *(self._state.get(LEDGER_KEY) or []),
-            {"round": number, "noise_multiplier": options.noise_multiplier},
-        ]
-        self._state.put(LEDGER_KEY, ledger)
+        metrics, spent = self.charge(
+            number, options, clip_norm=clip_norm, multiplier=options.noise_multiplier
+        )
         if options.adaptive:
             following = next_clip_norm(
                 clip_norm, within=within, count=count, options=options, rng=rng
             )
             self._state.put(CLIP_KEY, {"initial": options.clip_norm, "current": following})
-        epsilon = self.spent(options.delta)
-        spent = PrivacySpent(
-            epsilon=epsilon,
-            delta=options.delta,
-            rounds=len(ledger),
-            noise_multiplier=options.noise_multiplier,
-            clip_norm=clip_norm,
-            accounting=ACCOUNTING,
-        )
+        metrics["dp_within_clip"] = within
         logger.info(
             "round %d: DP mean of %d clipped updates (C=%.4g, z=%.3g); epsilon %.4g at delta %g",
             number,
             count,
             clip_norm,
             options.noise_multiplier,
-            epsilon,
+            spent.epsilon,
             options.delta,
         )
-        metrics = {
-            "dp_epsilon": epsilon,
-            "dp_delta": options.delta,
-            "dp_noise_multiplier": options.noise_multiplier,
-            "dp_clip_norm": clip_norm,
-            "dp_within_clip": within,
-        }
         weights = [np.asarray(b, np.float64) + m for b, m in zip(base, mean, strict=True)]
         return (
             [w.astype(np.asarray(b).dtype) for w, b in zip(weights, base, strict=True)],

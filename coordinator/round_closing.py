@@ -44,7 +44,7 @@ class RoundClosing:
     state: CoordinatorState
     producer: ModelProducer
     privacy: RoundPrivacy
-    _sum_result: tuple[list[np.ndarray], dict[str, Any], int] | None
+    _sum_result: tuple[list[np.ndarray], dict[str, Any], int, PrivacySpent | None] | None
 
     def _accept(
         self,
@@ -136,7 +136,7 @@ class RoundClosing:
         stored_updates = (self.state.update(number, agent) for agent in agents)
         if self._sum_result is not None:
             # Secure aggregation: the strategy gets the unmasked mean, as it would with DP.
-            weights, privacy_metrics, total_examples = self._sum_result
+            weights, privacy_metrics, total_examples, spent = self._sum_result
             self._sum_result = None
             aggregation.add(ClientUpdate(agent="secagg-mean", weights=weights, num_examples=1))
         elif plan.privacy is not None:

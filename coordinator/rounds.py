@@ -15,6 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.distributed_dp import (
+    accounted_multiplier,
+    check_distributed_plan,
+    check_ring,
+    round_params,
+)
 from coordinator.dp import check_strategy
 from coordinator.fleet import Fleet
 from coordinator.private_rounds import RoundPrivacy
@@ -33,12 +39,12 @@ from coordinator.round_plan import (
 )
 from coordinator.secagg_rounds import check_secure_plan, run_secure_stages
 from coordinator.state import CoordinatorState
-from protocol.errors import ConfigError, FedgeError
+from protocol.errors import FedgeError
 from protocol.messages.rounds import (
     ModelRelease,
+    PrivacySpent,
     RoundAnnouncement,
 )
-from protocol.secagg import check_overflow
 from protocol.updates import decode_weights
 
 __all__ = ["ModelProducer", "RoundOutcome", "RoundPlan", "RoundRunner"]
@@ -67,7 +73,9 @@ class RoundRunner(RoundClosing):
         self._on_outcome = on_outcome
         self._stop_requested = False
         self.privacy = RoundPrivacy(state)
-        self._sum_result: tuple[list[np.ndarray], dict[str, Any], int] | None = None
+        self._sum_result: (
+            tuple[list[np.ndarray], dict[str, Any], int, PrivacySpent | None] | None
+        ) = None
         self._stop_reason = "a stop was requested"
 
     # releases
@@ -113,11 +121,7 @@ class RoundRunner(RoundClosing):
         if plan.secure_aggregation is not None:
             check_secure_plan(plan.strategy, plan.strategy_options, plan.max_update_norm)
             if plan.privacy is not None:
-                raise ConfigError(
-                    "DP-FedAvg with secure aggregation needs the noise added on the agents "
-                    "before masking, which fedge does not do yet: choose one",
-                    reason="secagg_dp",
-                )
+                check_distributed_plan(plan.privacy, plan.secure_aggregation)
         self.state.put("plan", plan.to_json())
         done = int(self.state.get("plan_rounds_done") or 0)
         outcomes = []
@@ -143,7 +147,15 @@ class RoundRunner(RoundClosing):
         last = self.state.round(self.state.last_round_number())
         if plan.privacy is None or (last is not None and last.state == "announced"):
             return None
-        reason = self.privacy.refusal(plan.privacy)
+        multiplier = None
+        if plan.secure_aggregation is not None:  # agents' noise: charged a little differently
+            multiplier = accounted_multiplier(
+                plan.privacy,
+                plan.secure_aggregation,
+                clip_norm=self.privacy.clip_norm(plan.privacy),
+                length=sum(w.size for w in self.weights_of(self.current_release())),
+            )
+        reason = self.privacy.refusal(plan.privacy, multiplier)
         if reason is None:
             return None
         logger.warning("rounds stopped: %s", reason)
@@ -199,10 +211,17 @@ class RoundRunner(RoundClosing):
             return RoundOutcome(number, ok=False, version=None, reason=reason, metrics={})
         mean = [np.asarray(b, np.float64) + m for b, m in zip(base, result.mean, strict=True)]
         extra = {f"secagg_dropped_{stage}": count for stage, count in result.dropped.items()}
+        spent = None
+        if plan.privacy is not None:  # the agents' noise is in the sum: charge the ledger
+            dp_metrics, spent = self.privacy.charge_secure(
+                number, plan.privacy, announcement.config, length=sum(b.size for b in base)
+            )
+            extra.update(dp_metrics)
         self._sum_result = (
             [m.astype(b.dtype) for m, b in zip(mean, base, strict=True)],
             {**extra, "secagg_updates": result.count},
             result.examples,
+            spent,
         )
         return self._aggregate(announcement, plan, base, result.bytes_up)
 
@@ -214,13 +233,15 @@ class RoundRunner(RoundClosing):
         if plan.privacy is not None:
             overrides["clip_norm"] = self.privacy.clip_norm(plan.privacy)
         if plan.secure_aggregation is not None:
-            overrides["secure_aggregation"] = plan.secure_aggregation
+            overrides["secure_aggregation"] = round_params(
+                plan.secure_aggregation, plan.privacy, overrides.get("clip_norm")
+            )
         config = plan.config.model_copy(
             update={**overrides, "seed": plan.config.seed + round_number}
         )
         selected = self._select(plan, round_number)
-        if plan.secure_aggregation is not None:
-            check_overflow(len(selected), plan.secure_aggregation.quantisation_levels)
+        if config.secure_aggregation is not None:
+            check_ring(len(selected), config.secure_aggregation)
         now = self.fleet.now()
         announcement = RoundAnnouncement(
             round=round_number,

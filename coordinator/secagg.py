@@ -35,6 +35,7 @@ from protocol.secagg import (
     dequantise_sum,
     mask_vector,
     neighbours,
+    noise_steps,
     pair_sign,
     pairwise_seed,
 )
@@ -52,7 +53,10 @@ class SecAggServer:
     def __init__(
         self, *, round_number: int, params: SecAggParams, selected: tuple[str, ...], length: int
     ) -> None:
-        check_overflow(len(selected), params.quantisation_levels)
+        steps = noise_steps(
+            params.dp_noise_stddev, clip=params.clip_range, levels=params.quantisation_levels
+        )
+        check_overflow(len(selected), params.quantisation_levels, steps)
         self.round = round_number
         self.params = params
         self.selected = frozenset(selected)

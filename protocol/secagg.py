@@ -6,7 +6,13 @@ Pure functions a non-Python agent must reproduce bit for bit:
   ``[0, levels]`` by rounding to nearest; the sum of ``n`` such vectors is exact mod 2^32 as
   long as ``n x levels < 2^32`` (:func:`check_overflow`). Dequantising the sum gives the
   true sum of the clipped coordinates within ``n x clip / levels`` per coordinate
-  (:func:`error_bound`): each agent's rounding moves it by at most half a step.
+  (:func:`error_bound`): each agent's rounding moves it by at most half a step. The sum is
+  read centred (signed, two's complement around ``n x levels / 2``), so integer noise that
+  goes below zero wraps and comes back.
+- **Distributed DP noise**: an agent may add discrete Gaussian noise, in whole quantisation
+  steps, to its quantised vector before masking (:func:`discrete_gaussian`, the sampler of
+  Canonne, Kamath and Steinke 2020). The overflow check then keeps ``TAIL_STDDEVS`` standard
+  deviations of the summed noise inside the ring too.
 - **Masks**: a 32-byte seed expands to a uint32 vector with AES-256-CTR (zero nonce; every
   seed is used for one vector only). A pairwise seed is HKDF-SHA256 of the X25519 shared
   secret of two agents' mask keys, bound to the round; the agent with the smaller id adds
@@ -39,15 +45,18 @@ from protocol.errors import ConfigError, ProtocolError
 
 __all__ = [
     "MODULUS",
+    "TAIL_STDDEVS",
     "U32",
     "check_overflow",
     "combine_secret",
     "decrypt_share",
     "dequantise_sum",
+    "discrete_gaussian",
     "encrypt_share",
     "error_bound",
     "mask_vector",
     "neighbours",
+    "noise_steps",
     "pair_sign",
     "pairwise_seed",
     "public_bytes",
@@ -60,19 +69,56 @@ U32 = npt.NDArray[np.uint32]
 BLOCK_BYTES = 16
 NONCE_BYTES = 12
 _ZERO_NONCE = bytes(16)
+# Summed noise past this many standard deviations would wrap around the ring: the chance per
+# coordinate is about 1e-23. A wrap would cost accuracy, never privacy (it is post-processing).
+TAIL_STDDEVS = 10.0
 
 
 # --- quantisation --------------------------------------------------------------------------
 
 
-def check_overflow(agents: int, levels: int) -> None:
-    """Refuse a quantisation whose sum over ``agents`` could wrap around 2^32."""
-    if levels < 1 or agents * levels >= MODULUS:
+def check_overflow(agents: int, levels: int, noise: float = 0.0) -> None:
+    """Refuse a quantisation whose sum over ``agents`` could wrap around 2^32.
+
+    ``noise`` is each agent's noise standard deviation in quantisation steps (0: none).
+    """
+    room = agents * levels + 2.0 * TAIL_STDDEVS * noise * agents**0.5
+    if levels < 1 or room >= MODULUS:
         raise ConfigError(
-            f"secure aggregation: {agents} agents x {levels} quantisation levels do not fit "
-            f"in 2^32; lower secagg_quantisation_levels below {MODULUS // max(agents, 1)}",
+            f"secure aggregation: {agents} agents x {levels} quantisation levels"
+            f"{' plus their noise' if noise else ''} do not fit in 2^32; lower "
+            f"secagg_quantisation_levels below {MODULUS // max(agents, 1)}",
             reason="secagg_overflow",
         )
+
+
+def noise_steps(noise_stddev: float, *, clip: float, levels: int) -> float:
+    """A noise standard deviation in the update's units, in quantisation steps."""
+    return noise_stddev * levels / (2.0 * clip)
+
+
+def discrete_gaussian(sigma: float, size: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:
+    """``size`` draws of the discrete Gaussian N_Z(0, sigma^2) (Canonne, Kamath, Steinke 2020).
+
+    Their Algorithm 3, vectorised: propose from the discrete Laplace of scale
+    ``floor(sigma) + 1`` (a difference of two geometric draws) and accept with probability
+    ``exp(-(|y| - sigma^2/t)^2 / (2 sigma^2))``; about half the proposals are kept.
+    """
+    if not sigma > 0.0:
+        raise ConfigError(f"noise sigma must be positive, got {sigma}", reason="bad_dp")
+    scale = float(np.floor(sigma)) + 1.0
+    p = -float(np.expm1(-1.0 / scale))  # P(stop) of each geometric: 1 - exp(-1/t)
+    out = np.empty(size, np.int64)
+    todo = np.arange(size)
+    while todo.size:
+        n = todo.size
+        proposal = rng.geometric(p, n) - rng.geometric(p, n)
+        keep = rng.random(n) < np.exp(
+            -((np.abs(proposal) - sigma**2 / scale) ** 2) / (2.0 * sigma**2)
+        )
+        out[todo[keep]] = proposal[keep]
+        todo = todo[~keep]
+    return out
 
 
 def quantise(values: npt.ArrayLike, *, clip: float, levels: int) -> U32:
@@ -83,8 +129,15 @@ def quantise(values: npt.ArrayLike, *, clip: float, levels: int) -> U32:
 
 
 def dequantise_sum(total: U32, *, agents: int, clip: float, levels: int) -> npt.NDArray[np.float64]:
-    """The float sum of ``agents`` quantised vectors from their integer sum."""
-    return np.asarray(total, np.float64) * (2.0 * clip / levels) - agents * clip
+    """The float sum of ``agents`` quantised vectors (plus any integer noise) from their sum.
+
+    The sum is centred on ``agents x levels / 2`` and read as a signed 32-bit integer, so
+    noise that took it below zero (or above 2^32) wrapped and is read back exactly.
+    """
+    offset = agents * levels
+    centred = (np.asarray(total, np.int64) - offset // 2) % MODULUS
+    signed = np.where(centred >= MODULUS // 2, centred - MODULUS, centred)
+    return (signed.astype(np.float64) - (offset % 2) / 2.0) * (2.0 * clip / levels)
 
 
 def error_bound(*, agents: int, clip: float, levels: int) -> float:

@@ -86,6 +86,8 @@ class PrivacySpent(Message):
     noise_multiplier: Annotated[float, Field(gt=0.0)]
     clip_norm: Annotated[float, Field(gt=0.0)]
     accounting: ShortText = "rdp, no sampling amplification"
+    # The plan's budget when this release was made (rounds stop before passing it).
+    target_epsilon: Annotated[float, Field(gt=0.0)] | None = None
 
 
 class ModelRelease(Message):

@@ -55,6 +55,10 @@ class SecAggParams(Message):
     clip_range: Annotated[float, Field(gt=0.0, le=1e6)] = 1.0
     quantisation_levels: Annotated[int, Field(ge=1, lt=2**32)] = 2**20
     stage_deadline_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 10.0
+    # Distributed DP: the std of the discrete Gaussian noise each agent adds to every
+    # coordinate (in the update's units, rounded to whole quantisation steps) before masking,
+    # so the sum carries noise the coordinator cannot take out. 0: none.
+    dp_noise_stddev: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0
 
 
 class PeerKeys(Message):

@@ -148,8 +148,13 @@ def test_start_options_make_the_plan_and_what_needs_single_updates_is_refused() 
         ("fedavg", {"secagg_threshold": 3}, "bad_options"),
         (
             "fedavg",
-            {"secure_aggregation": True, "dp_noise_multiplier": 1.0, "dp_clip_norm": 1.0},
-            "secagg_dp",
+            {
+                "secure_aggregation": True,
+                "dp_noise_multiplier": 1.0,
+                "dp_clip_norm": 1.0,
+                "dp_adaptive": True,
+            },
+            "secagg_dp_adaptive",
         ),
     ):
         with pytest.raises(ConfigError) as caught:
