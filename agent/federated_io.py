@@ -18,6 +18,7 @@ import numpy as np
 
 from agent.augment import Augmenter
 from agent.model import ServingModel
+from agent.serving import release_serving_model
 from agent.store import SampleStore
 from agent.training import Trainer, make_trainer
 from agent.transfer_task import TransferTasks, sample_input
@@ -188,10 +189,14 @@ class FederatedIO:
         if self._on_swap is None or release.round <= self._serving_round:
             return
         if release.recipe == "transfer":
-            weights = decode_weights(self.fetch(release.weights))
+            served = release_serving_model(release, self.fetch)
+            how = "one .tflite"
+            if served is None:  # a release of before serving variants: backbone, then head
+                weights = decode_weights(self.fetch(release.weights))
+                served, how = self._transfer.serving(release, weights), "backbone, then head"
             self._serving_round = release.round
-            self._on_swap(self._transfer.serving(release, weights))
-            logger.info("now serving fleet model %s (backbone and head)", release.version)
+            self._on_swap(served)
+            logger.info("now serving fleet model %s (%s)", release.version, how)
             return
         trainable = self.fetch(release.trainable)
         weights = decode_weights(self.fetch(release.weights))

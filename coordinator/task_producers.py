@@ -1,7 +1,11 @@
 """The model producer for a task: one per recipe.
 
 A ``transfer`` release carries the backbone ``.tflite`` as its ``trainable`` blob (the same
-bytes every round, so agents fetch it once) and the head's weights as its ``weights``.
+bytes every round, so agents fetch it once) and the head's weights as its ``weights``. Its
+serving variants are single ``.tflite`` files that run backbone, pooling and head in one
+invoke, composed at the flatbuffer level (:mod:`runtime.composition`), so any third-party
+backbone works: from a float backbone a ``float32`` model and its ``int8`` quantisation
+(:mod:`coordinator.variants`); from an int8 backbone the composed model is the ``int8`` one.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,13 +23,18 @@ from coordinator.reference import load_digits_split
 from coordinator.rounds import ModelProducer
 from coordinator.state import CoordinatorState
 from coordinator.tasks import BackboneInfo, LoadedTask
+from coordinator.variants import serving_variants
 from protocol.chunks import DEFAULT_MAX_CHUNK_BYTES
 from protocol.errors import ConfigError
-from protocol.messages.rounds import ModelMetrics, ModelRelease
+from protocol.messages.rounds import ModelMetrics, ModelRelease, ModelVariant
 from protocol.tasks import BuiltinRecipe, TaskSpec, TransferRecipe
 from protocol.updates import encode_weights
+from runtime.composition import Head, compose
+from runtime.merging import without_record
 
-__all__ = ["TransferProducer", "head_initial_weights", "make_producer"]
+__all__ = ["TransferProducer", "head_initial_weights", "make_producer", "transfer_serving_variants"]
+
+_FLOAT_INPUTS = ("float32",)
 
 
 def head_initial_weights(
@@ -39,6 +49,32 @@ def head_initial_weights(
         weights.append(rng.uniform(-limit, limit, (fan_in, fan_out)).astype(np.float32))
         weights.append(np.zeros(fan_out, np.float32))
     return weights
+
+
+def transfer_serving_variants(
+    task: TaskSpec, backbone: BackboneInfo, weights: Sequence[np.ndarray]
+) -> list[tuple[dict[str, Any], bytes]]:
+    """The release's one-invoke serving models: (fields of its ModelVariant but the blob, bytes).
+
+    The coordinator holds no images of a user's task, so the int8 quantisation of a float
+    backbone's model is dynamic-range (int8 weights, float activations) and no variant has
+    a central accuracy; agents evaluate.
+    """
+    head = Head(task.name, tuple(np.asarray(w, np.float32) for w in weights), task.labels)
+    composed = compose(backbone.content, [head])
+    if backbone.input_dtype not in _FLOAT_INPUTS:
+        fields = {"name": "int8", "quantization": "int8_static", "evaluated_on": 0}
+        return [(fields, composed)]
+    empty = np.zeros((0, *backbone.input_shape), np.float32)
+    variants = serving_variants(
+        composed, agent_ranges=None, eval_x=empty, eval_y=np.zeros(0, np.int64), central=False
+    )
+    # A quantiser keeps the composition record, which speaks of float kernels: only the
+    # float model keeps it (a merge takes float models).
+    return [
+        (fields, data if fields["name"] == "float32" else without_record(data))
+        for fields, data in variants
+    ]
 
 
 class TransferProducer(ModelProducer):
@@ -86,6 +122,11 @@ class TransferProducer(ModelProducer):
         backbone_ref = blob_ref(
             backbone, content_type="application/vnd.tflite", max_chunk_bytes=size
         )
+        variants = transfer_serving_variants(self._task, self._backbone, weights)
+        refs = [
+            blob_ref(data, content_type="application/vnd.tflite", max_chunk_bytes=size)
+            for _, data in variants
+        ]
         release = ModelRelease(
             version=version,
             model_name=self._task.name,
@@ -98,8 +139,14 @@ class TransferProducer(ModelProducer):
             train_batch_size=self._task.training.batch_size,
             metrics=metrics,
             created_at=time.time(),
+            variants=tuple(
+                ModelVariant(**fields, blob=ref)
+                for (fields, _), ref in zip(variants, refs, strict=True)
+            ),
         )
-        return release, {head_ref.sha256: head, backbone_ref.sha256: backbone}
+        blobs = {head_ref.sha256: head, backbone_ref.sha256: backbone}
+        blobs.update({ref.sha256: data for ref, (_, data) in zip(refs, variants, strict=True)})
+        return release, blobs
 
 
 def make_producer(

@@ -151,6 +151,7 @@ def _register_commands() -> None:
     from fedge.commands.agent import agent
     from fedge.commands.coordinator import coordinator
     from fedge.commands.demo import demo
+    from fedge.commands.model import model_group
     from fedge.commands.rounds import round_group
     from fedge.dashboard.command import dashboard_command
     from fedge.deploy import deploy_group
@@ -164,6 +165,7 @@ def _register_commands() -> None:
         camera_command,
         deploy_group,
         dashboard_command,
+        model_group,
     ):
         cli.add_command(command)
 
