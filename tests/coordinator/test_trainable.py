@@ -223,25 +223,25 @@ def _keras() -> Any:
 
 
 def test_unsupported_layers_are_refused_before_conversion() -> None:
-    def second_conv() -> Any:
+    def layer_norm() -> Any:
         keras = _keras()
         return keras.Sequential(
             [
                 keras.Input(shape=(8, 8, 1)),
                 keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
-                keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+                keras.layers.LayerNormalization(),
                 keras.layers.Flatten(),
                 keras.layers.Dense(10, activation="softmax"),
             ]
         )
 
-    def dropout() -> Any:
+    def shaped_dropout() -> Any:
         keras = _keras()
         return keras.Sequential(
             [
                 keras.Input(shape=(8, 8, 1)),
                 keras.layers.Flatten(),
-                keras.layers.Dropout(0.5),
+                keras.layers.Dropout(0.5, noise_shape=(1, 64)),
                 keras.layers.Dense(10, activation="softmax"),
             ]
         )
@@ -252,18 +252,17 @@ def test_unsupported_layers_are_refused_before_conversion() -> None:
             [keras.Input(shape=(8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)]
         )
 
-    def functional() -> Any:
+    def two_inputs() -> Any:
         keras = _keras()
-        image = keras.Input(shape=(8, 8, 1))
-        return keras.Model(
-            image, keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(image))
-        )
+        left, right = keras.Input(shape=(8, 8, 1)), keras.Input(shape=(8, 8, 1))
+        joined = keras.layers.Flatten()(keras.layers.Add()([left, right]))
+        return keras.Model([left, right], keras.layers.Dense(10, activation="softmax")(joined))
 
     for builder, why in [
-        (second_conv, "first layer only"),
-        (dropout, "not supported"),
+        (layer_norm, "not supported"),
+        (shaped_dropout, "noise_shape"),
         (logits_head, "softmax"),
-        (functional, "not a Sequential"),
+        (two_inputs, "one input and one output"),
     ]:
         definition = ModelDefinition("odd", (8, 8, 1), 10, builder)
         with pytest.raises(ModelError, match=why) as info:
