@@ -20,6 +20,7 @@ from coordinator.recovery import RetainedKeeper
 from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
 from coordinator.state import CoordinatorState
 from coordinator.task_producers import make_producer
+from coordinator.task_resume import check_resumable
 from coordinator.tasks import builtin_task, load_task
 from protocol.errors import FedgeError, MessageError
 from protocol.messages.agent import CommandAck
@@ -65,6 +66,7 @@ class Coordinator:
         )
         self.task = load_task(config.task) if config.task else builtin_task(config.model_name)
         self.producer = make_producer(self.task, config=config, state=self.state)
+        check_resumable(self.task, self.state, self.producer.initial_weights, config.data_dir)
         self.metrics = new_registry()
         self._meter = RoundMeter(self.metrics, current_round=self.state.last_round_number())
         self.metrics_server = None
