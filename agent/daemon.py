@@ -26,6 +26,7 @@ from agent.outbox import Outbox
 from agent.pipeline import FrameProcessor, InferenceOptions
 from agent.privacy import LocalDp
 from agent.store import SampleStore
+from agent.task_clients import TaskClients
 from agent.training import available_trainers
 from protocol.errors import ConfigError, FedgeError, TopicError
 from protocol.messages.agent import (
@@ -104,6 +105,8 @@ class Agent(AgentCommands):
         self._command_topic = self.topics.agent_commands(config.agent_id)
         self._frame_filters = config.effective_frame_topics
         self.federated = self._federated_client()
+        # Tasks a multi-task coordinator runs at once, each on its own topics.
+        self.tasks = TaskClients(self.federated) if self.federated is not None else None
         self.metrics = new_registry()
         self._frame_seconds = register_agent_metrics(self.metrics, self._readings())
         self.metrics_server = None
@@ -127,6 +130,8 @@ class Agent(AgentCommands):
             self._send(item.row_id, item.topic, item.payload, retain=item.retain)
         if self.federated is not None:
             self.federated.start()
+        if self.tasks is not None:
+            self.tasks.start()
         self._spawn(self._inference_worker, "inference")
         self._spawn(self._command_worker, "commands")
         self._spawn(self._status_ticker, "status")
@@ -157,6 +162,8 @@ class Agent(AgentCommands):
                 on_ack=done.set,
             )
             done.wait(2.0)
+        if self.tasks is not None:
+            self.tasks.stop()
         if self.federated is not None:
             self.federated.stop()
         for thread in self._threads:
@@ -180,6 +187,9 @@ class Agent(AgentCommands):
 
     # incoming (network thread: sort only)
     def _route(self, topic: str, payload: bytes) -> None:
+        if self.tasks is not None and self.tasks.handles(topic):
+            self.tasks.on_message(topic, payload)
+            return
         if self.federated is not None and self.federated.handles(topic):
             self.federated.on_message(topic, payload)
             return

@@ -23,6 +23,11 @@ class CoordinatorConfig(FedgeSettings):
     model_name: Literal["digits_cnn", "digits_mlp"] = "digits_cnn"
     # A task file (see protocol.tasks); when given it replaces model_name.
     task: Path | None = None
+    # Tasks run at once on the fleet, each on its own topics: built-in model names or task
+    # files. Started one by one with ``fedge round start --task <name>``.
+    tasks: tuple[str, ...] = ()
+    # Trainings an agent runs at a time across tasks (the scheduler never gives it more).
+    agent_budget: Annotated[int, Field(ge=1, le=64)] = 1
     train_batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
     with_inference_files: bool = False
     max_chunk_bytes: Annotated[int, Field(ge=CHUNK_HEADER_BYTES + 1)] = DEFAULT_MAX_CHUNK_BYTES

@@ -21,6 +21,7 @@ from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
 from coordinator.state import CoordinatorState
 from coordinator.task_producers import make_producer
 from coordinator.task_resume import check_resumable
+from coordinator.task_runs import TaskRuns, task_defaults
 from coordinator.tasks import builtin_task, load_task
 from protocol.errors import FedgeError, MessageError
 from protocol.messages.agent import CommandAck
@@ -91,6 +92,14 @@ class Coordinator:
             resend_blob=self._resend_blob,
         )
         self.fleet.on_own_retained = self.keeper.on_retained
+        # Tasks run at once beside the fleet's own (coordinator.task_runs), each on its topics.
+        self.tasks = TaskRuns(
+            config=config,
+            link=self.link,
+            signing_key=self.signing_key,
+            registry=self.fleet,
+            on_change=lambda: self._publish_status(self._phase()),
+        )
         self.fleet.on_stalled_blob = self.keeper.on_stalled_blob
 
     # lifecycle
@@ -117,6 +126,7 @@ class Coordinator:
         worker = self._worker
         if worker is not None:
             worker.join(30.0)
+        self.tasks.close()
         if self.link.is_connected:
             done = threading.Event()
             offline = CoordinatorStatus(state=Phase.OFFLINE, timestamp=time.time())
@@ -147,6 +157,12 @@ class Coordinator:
     def busy(self) -> bool:
         return self._worker is not None and self._worker.is_alive()
 
+    def run_tasks_now(self, plans: dict[str, RoundPlan]) -> dict[str, list[RoundOutcome]]:
+        """Run several tasks' plans at once (scripts, benchmarks); returns each one's outcomes."""
+        outcomes = self.tasks.run_now(plans)
+        self._publish_status(self._phase())
+        return outcomes
+
     def run_plan_now(self, plan: RoundPlan) -> list[RoundOutcome]:
         """Run a plan in the calling thread (scripts and benchmarks)."""
         outcomes = self.runner.run_plan(plan)
@@ -157,6 +173,7 @@ class Coordinator:
     # messages
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.fleet.on_message(topic, payload)
+        self.tasks.on_message(topic, payload)
 
     def _on_connected(self, session_present: bool) -> None:
         self._publish_status(self._phase())
@@ -187,6 +204,7 @@ class Coordinator:
         announcement = self.runner.open_announcement()
         if announcement is not None:
             self.fleet.announce(announcement)
+        self.tasks.republish()
         self._publish_status(self._phase())
 
     def _on_command(self, topic: str, payload: bytes) -> None:
@@ -214,6 +232,8 @@ class Coordinator:
                     "the coordinator is still starting; try again in a few seconds",
                     reason="starting",
                 )
+            if command.task is not None:
+                return self._start_task(command)
             plan = plan_from_command(command, defaults=self._round_defaults())
             if self.busy:
                 raise FedgeError("rounds are already running; stop them first", reason="busy")
@@ -225,10 +245,11 @@ class Coordinator:
             }
         if isinstance(command, StopRounds):
             who = command.requested_by or "an unnamed sender"
-            self.runner.request_stop(
-                f"stop_rounds {command.command_id} from {who} ({command.reason})"
-            )
-            return {"stopping": self.busy}
+            why = f"stop_rounds {command.command_id} from {who} ({command.reason})"
+            if command.task is not None:
+                return {"stopping": self.tasks.stop(command.task, why)}
+            self.runner.request_stop(why)
+            return {"stopping": self.tasks.stop(None, why) or self.busy}
         online = sum(1 for a in self.fleet.agents().values() if a.online)
         return {
             "agents_online": online,
@@ -237,17 +258,22 @@ class Coordinator:
             "pong": isinstance(command, Ping),
         }
 
+    def _start_task(self, command: StartRounds) -> dict[str, str | int | float | bool | None]:
+        assert command.task is not None
+        self.tasks.run(command.task)  # an unknown task is refused before its options
+        plan = plan_from_command(command, defaults=self.tasks.defaults(command.task))
+        run = self.tasks.start(command.task, plan)
+        return {
+            "task": command.task,
+            "rounds": plan.rounds,
+            "strategy": plan.strategy,
+            "next_round": run.state.last_round_number() + 1,
+        }
+
     def _round_defaults(self) -> dict[str, Any]:
         if self.config.task is None:
             return {}  # the built-in models keep the round config's own defaults
-        training = self.task.spec.training
-        return {
-            "epochs": training.epochs,
-            "learning_rate": training.learning_rate,
-            "validation_fraction": training.validation_fraction,
-            "min_samples": training.min_samples,
-            "eval_fraction": training.eval_fraction,
-        }
+        return task_defaults(self.task)
 
     def _ack(
         self,
@@ -300,7 +326,7 @@ class Coordinator:
             self._publish_status(Phase.ANNOUNCED)
 
     def _phase(self) -> Phase:
-        return Phase.ANNOUNCED if self.busy else Phase.IDLE
+        return Phase.ANNOUNCED if self.busy or self.tasks.busy else Phase.IDLE
 
     def _publish_status(self, phase: Phase) -> None:
         progress = self._progress if phase is Phase.ANNOUNCED else {}
@@ -317,6 +343,7 @@ class Coordinator:
             detail=_detail(progress, self.state),
             epsilon=spent[0] if spent else None,
             delta=spent[1] if spent else None,
+            tasks=self.tasks.statuses(),
         )
         self.link.publish(self.topics.coordinator_status(), encode_message(status), retain=True)
 

@@ -104,6 +104,11 @@ def round_group() -> None:
     help="Strategy option, e.g. --option mu=0.1 --option clip_norm=5.",
 )
 @click.option(
+    "--task",
+    default=None,
+    help="One of the coordinator's tasks (its `tasks` setting), run beside the others.",
+)
+@click.option(
     "--secure-aggregation",
     is_flag=True,
     help="SecAgg+: the coordinator sees only the sum of the updates (FedAvg, FedAdam, FedYogi).",
@@ -175,6 +180,7 @@ def round_start(
       fedge round start --rounds 30 --min-agents 8 --deadline 30s
       fedge round start --strategy fedadam --option eta=0.01 --encoding int8
       fedge round start --secure-aggregation --secagg-threshold 4 --secagg-degree 8
+      fedge round start --task door --rounds 20
       fedge round start --rounds 30 --dp-noise-multiplier 1.0 --dp-clip-norm 0.5 \\
           --dp-target-epsilon 8
     """
@@ -206,6 +212,7 @@ def round_start(
         deadline_s=_seconds(str(settings["deadline"])),
         strategy=str(settings["strategy"]),
         options=options,
+        task=settings.pop("task"),  # type: ignore[arg-type]
     )
     topics = Topics(root=topic_root, fleet=fleet)
     with console.status("waiting for the coordinator's answer..."):
@@ -227,6 +234,7 @@ def round_start(
 @round_group.command("stop")
 @_broker_options
 @click.option("--reason", default="requested", show_default=True, help="Recorded with the round.")
+@click.option("--task", default=None, help="Stop only this task's rounds.")
 def round_stop(
     broker_url: str,
     *,
@@ -236,6 +244,7 @@ def round_stop(
     fleet: str,
     topic_root: str,
     reason: str,
+    task: str | None,
 ) -> None:
     """Ask the coordinator to close the running round now and run no further ones.
 
@@ -258,6 +267,7 @@ def round_stop(
         command_id=_command_id(),
         reason=reason[:1024],
         requested_by=f"{getpass.getuser()}@{socket.gethostname()}"[:1024],
+        task=task,
     )
     topics = Topics(root=topic_root, fleet=fleet)
     with console.status("waiting for the coordinator's answer..."):

@@ -81,6 +81,17 @@ def _table(status: CoordinatorStatus | None) -> Table:
             str(status.updates_received),
             _with_privacy(status),
         )
+        for name, task in sorted(status.tasks.items()):  # tasks run at once, one row each
+            accuracy = f"accuracy {task.accuracy:.3f}" if task.accuracy is not None else ""
+            table.add_row(
+                f"{name}: {task.state.value}",
+                str(task.round or "-"),
+                task.model_version or "-",
+                f"{task.agents} given",
+                str(task.selected),
+                str(task.updates_received),
+                "; ".join(d for d in (task.detail, accuracy) if d),
+            )
     return table
 
 

@@ -87,6 +87,8 @@ class StartRounds(Message):
     deadline_s: Annotated[float, Field(gt=0.0, le=86_400.0)] = 60.0
     strategy: ShortText = "fedavg"
     options: dict[ShortText, str | int | float | bool] = Field(default_factory=dict)
+    # One of the coordinator's tasks (its ``tasks`` setting); none: the fleet's own task.
+    task: Id | None = None
 
 
 class StopRounds(Message):
@@ -98,6 +100,7 @@ class StopRounds(Message):
     # Who asked, as the sender says (``fedge round stop`` sends user@host); an operator
     # signature, where the fleet requires one, is the proof.
     requested_by: ShortText | None = None
+    task: Id | None = None  # one of several tasks; none: the fleet's own rounds
 
 
 CoordinatorCommand = Annotated[

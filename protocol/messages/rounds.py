@@ -183,6 +183,20 @@ class CoordinatorState(StrEnum):
     OFFLINE = "offline"
 
 
+class TaskProgress(Message):
+    """One of several tasks the coordinator runs at once, in its status."""
+
+    kind: Literal["task_progress"] = "task_progress"
+    state: CoordinatorState
+    round: RoundNumber | None = None
+    model_version: Id | None = None
+    agents: Count = 0  # the agents the scheduler gives the task now
+    selected: Count = 0
+    updates_received: Count = 0
+    accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    detail: ShortText | None = None
+
+
 class CoordinatorStatus(Message):
     """Retained on the coordinator status topic: what it is doing now."""
 
@@ -198,3 +212,5 @@ class CoordinatorStatus(Message):
     # With DP-FedAvg: the (epsilon, delta) spent so far.
     epsilon: Annotated[float, Field(ge=0.0)] | None = None
     delta: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    # Several tasks at once: each one's own progress, by task name.
+    tasks: Annotated[dict[Id, TaskProgress], Field(max_length=256)] = Field(default_factory=dict)
