@@ -25,6 +25,7 @@ from coordinator.rounds import RoundRunner
 from coordinator.scheduler import TaskNeeds
 from coordinator.state import CoordinatorState
 from coordinator.task_producers import make_producer
+from coordinator.task_resume import check_resumable
 from coordinator.tasks import LoadedTask, builtin_task, load_task
 from protocol.errors import ConfigError, FedgeError
 from protocol.messages.rounds import CoordinatorState as Phase
@@ -81,7 +82,8 @@ class TaskRun:
     ) -> None:
         self.name = name
         self.task = task
-        self.state = CoordinatorState(config.data_dir / "tasks" / name / "coordinator.sqlite")
+        directory = config.data_dir / "tasks" / name
+        self.state = CoordinatorState(directory / "coordinator.sqlite")
         self.topics = config.topics.for_task(name)
         self.fleet = MqttFleet(
             link, self.topics, signing_key, max_chunk_bytes=config.max_chunk_bytes
@@ -89,6 +91,8 @@ class TaskRun:
         self.producer = SerialisedProducer(
             make_producer(task, config=config, state=self.state), _MODEL_LOCK
         )
+        # A task file edited since its last run is refused, as the fleet's own task is.
+        check_resumable(task, self.state, self.producer.initial_weights, directory)
         self.view = TaskView(
             task=name, inner=self.fleet, registry=registry, leases=leases, is_open=self.round_open
         )
