@@ -30,13 +30,15 @@ from agent.federated_io import (
     SwapCallback,
     TrainableServingModel,
 )
-from agent.privacy import LocalDp, privatise_update
+from agent.privacy import LocalDp
+from agent.round_change import round_change
 from agent.secagg_stages import AgentSecAgg
 from agent.store import SampleStore
 from agent.training import TrainConfig, Trainer, make_trainer
 from agent.transfer_task import TransferTasks
 from protocol.chunks import split_blob
 from protocol.errors import FedgeError, ModelError
+from protocol.masks import decode_masks
 from protocol.messages.base import Message
 from protocol.messages.codec import decode_message, encode_message
 from protocol.messages.rounds import (
@@ -264,9 +266,13 @@ class FederatedClient(FederatedIO):
                 validation_fraction=config.validation_fraction,
             ),
         )
-        deltas = [new - old for new, old in zip(trainer.get_weights(), weights, strict=True)]
-        deltas, clipped = privatise_update(
-            deltas, round_clip_norm=config.clip_norm, local=self._local_dp
+        deltas, clipped = round_change(
+            trainer.get_weights(),
+            weights,
+            masks=decode_masks(self.fetch(release.prune_mask)) if release.prune_mask else None,
+            config=config,
+            local_dp=self._local_dp,
+            plain=secure is None,
         )
         encoding = config.update_encoding
         if secure is not None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from coordinator.distributed_dp import check_distributed_plan
 from coordinator.dp import DP_OPTION_PREFIX, DpOptions, check_strategy
+from coordinator.pruning import PRUNE_OPTION_PREFIX, PruningSchedule
 from coordinator.rounds import RoundPlan
 from coordinator.secagg_rounds import check_secure_plan, secagg_from_options
 from coordinator.strategies import make_strategy
@@ -78,6 +79,10 @@ def _plan(command: StartRounds, defaults: Mapping[str, Any] | None) -> RoundPlan
     strategy_options = {
         k: v for k, v in strategy_options.items() if not k.startswith(("secagg", "secure_"))
     }
+    pruning = PruningSchedule.from_options(strategy_options)
+    strategy_options = {
+        k: v for k, v in strategy_options.items() if not k.startswith(PRUNE_OPTION_PREFIX)
+    }
     privacy = DpOptions.from_options(strategy_options)
     strategy_options = {
         k: v for k, v in strategy_options.items() if not k.startswith(DP_OPTION_PREFIX)
@@ -100,4 +105,5 @@ def _plan(command: StartRounds, defaults: Mapping[str, Any] | None) -> RoundPlan
         max_update_norm=max_update_norm,
         privacy=privacy,
         secure_aggregation=secure,
+        pruning=pruning,
     )

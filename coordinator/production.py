@@ -21,6 +21,7 @@ from coordinator.state import CoordinatorState
 from coordinator.trainable_export import export_trainable_tflite
 from coordinator.variants import merged_ranges_of_round, serving_variants
 from protocol.chunks import CHUNK_HEADER_BYTES, DEFAULT_MAX_CHUNK_BYTES
+from protocol.masks import sparsity
 from protocol.messages.rounds import BlobRef, ModelMetrics, ModelRelease, ModelVariant
 from protocol.preprocess import PreprocessSpec
 from protocol.updates import encode_weights
@@ -28,6 +29,9 @@ from protocol.updates import encode_weights
 __all__ = ["KerasModelProducer", "blob_ref"]
 
 logger = logging.getLogger(__name__)
+
+# A release this sparse (pruned training) also gets the variant in sparse storage.
+PRUNED_VARIANT_SPARSITY = 0.1
 
 
 def blob_ref(
@@ -130,19 +134,22 @@ class KerasModelProducer(ModelProducer):
         }
         variants: list[tuple[dict[str, Any], bytes]] = []
         if self._with_inference:
-            from coordinator.serving_files import export_serving_tflite
+            from coordinator.serving_files import export_serving_tflite, export_sparse_tflite
             from coordinator.tflite_export import export_int8_tflite
 
             model = self._keras()
             model.set_weights(list(weights))
             float_model = export_serving_tflite(model)
             blobs["inference"] = (float_model, "application/vnd.tflite")
+            pruned = sparsity(weights) >= PRUNED_VARIANT_SPARSITY
             variants = serving_variants(
                 float_model,
                 agent_ranges=merged_ranges_of_round(self._state, round_number, float_model),
                 eval_x=self._eval_x,
                 eval_y=self._eval_y,
                 central=self._central_calibration,
+                weights=weights,
+                sparse_tflite=export_sparse_tflite(model) if pruned else None,
             )
             blobs.update({v["name"]: (data, "application/vnd.tflite") for v, data in variants})
             blobs["inference_int8"] = (

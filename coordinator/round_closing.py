@@ -15,6 +15,7 @@ import numpy as np
 from coordinator.federated_eval import federated_metrics, record_evaluation
 from coordinator.fleet import AgentInfo, Fleet, ReceivedUpdate
 from coordinator.private_rounds import RoundPrivacy
+from coordinator.pruning import prune_after_round, unpacked, with_masks
 from coordinator.round_plan import ModelProducer, RoundOutcome, RoundPlan
 from coordinator.state import CoordinatorState, StoredUpdate
 from coordinator.strategies import ClientUpdate, Strategy, make_strategy
@@ -72,7 +73,7 @@ class RoundClosing:
                     f"round uses {announcement.release.version}",
                     reason="wrong_base",
                 )
-            deltas = decode_update(update.payload)
+            deltas = unpacked(self.state, announcement.release, decode_update(update.payload))
             if len(deltas) != len(base):
                 raise ProtocolError(
                     f"update has {len(deltas)} tensors, the model has {len(base)}",
@@ -158,7 +159,7 @@ class RoundClosing:
         else:
             for stored in stored_updates:
                 assert stored is not None
-                deltas = decode_update(stored.payload)
+                deltas = unpacked(self.state, announcement.release, decode_update(stored.payload))
                 weights = [b + d for b, d in zip(base, deltas, strict=True)]
                 aggregation.add(
                     ClientUpdate(
@@ -166,7 +167,9 @@ class RoundClosing:
                     )
                 )
                 total_examples += stored.num_examples
-        new_weights = aggregation.result()
+        new_weights, masks = prune_after_round(
+            self.state, plan.pruning, number, aggregation.result()
+        )
         self.state.put(
             f"strategy_state_r{number}", _encode_state(strategy.state_dict(), self.state)
         )
@@ -178,6 +181,7 @@ class RoundClosing:
             weights=new_weights,
             metrics=metrics_model,
             privacy=spent,
+            masks=masks,
         )
         record = self.state.round(number)
         started = record.started_at if record else self.fleet.now()
@@ -211,10 +215,12 @@ class RoundClosing:
         weights: Sequence[np.ndarray],
         metrics: ModelMetrics | None,
         privacy: PrivacySpent | None = None,
+        masks: bytes | None = None,
     ) -> ModelRelease:
         release, blobs = self.producer.release(
             version=version, round_number=round_number, weights=weights, metrics=metrics
         )
+        release, blobs = with_masks(release, blobs, masks)
         if privacy is not None:
             release = release.model_copy(update={"privacy": privacy})
         for sha256, data in blobs.items():
@@ -247,6 +253,7 @@ def _can_train(agent: AgentInfo) -> bool:
 
 def _refs(release: ModelRelease) -> list[Any]:
     refs = [release.weights, release.trainable, release.inference, release.inference_int8]
+    refs.append(release.prune_mask)
     refs += [variant.blob for variant in release.variants]
     return [ref for ref in refs if ref is not None]
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.dp import DpOptions
+from coordinator.pruning import PruningSchedule
 from protocol.messages.rounds import (
     ModelMetrics,
     ModelRelease,
@@ -63,6 +64,7 @@ class RoundPlan:
     max_update_norm: float | None = None
     privacy: DpOptions | None = None
     secure_aggregation: SecAggParams | None = None
+    pruning: PruningSchedule | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,7 @@ class RoundPlan:
             "secure_aggregation": (
                 self.secure_aggregation.model_dump(mode="json") if self.secure_aggregation else None
             ),
+            "pruning": self.pruning.to_json() if self.pruning else None,
         }
 
     @classmethod
@@ -97,6 +100,7 @@ class RoundPlan:
                 if data.get("secure_aggregation")
                 else None
             ),
+            pruning=PruningSchedule.from_json(data["pruning"]) if data.get("pruning") else None,
         )
 
 

@@ -21,17 +21,36 @@ from coordinator.tflite_export import export_float_tflite
 if TYPE_CHECKING:
     import keras
 
-__all__ = ["activation_table", "export_serving_tflite", "flatbuffer_breakdown"]
+__all__ = [
+    "activation_table",
+    "export_serving_tflite",
+    "export_sparse_tflite",
+    "flatbuffer_breakdown",
+]
 
 
-def export_serving_tflite(model: keras.Model) -> bytes:
-    """``model`` as a float32 ``.tflite`` with its batch dimension fixed to one."""
+def _single(model: keras.Model) -> keras.Model:
     import keras
 
     shape = tuple(model.input_shape[1:])
     single = keras.models.clone_model(model, input_tensors=keras.Input(shape, batch_size=1))
     single.set_weights(model.get_weights())
-    return export_float_tflite(single)
+    return single
+
+
+def export_serving_tflite(model: keras.Model) -> bytes:
+    """``model`` as a float32 ``.tflite`` with its batch dimension fixed to one."""
+    return export_float_tflite(_single(model))
+
+
+def export_sparse_tflite(model: keras.Model) -> bytes:
+    """A pruned ``model`` with its sparse kernels in TFLite's sparse tensor format.
+
+    The converter stores a kernel sparse when that is smaller (per block of the format);
+    the runtime densifies it once when the model loads (a DENSIFY op per kernel), so the
+    file and the download shrink, not the invoke time.
+    """
+    return export_float_tflite(_single(model), sparse=True)
 
 
 def _model(tflite: bytes) -> Any:

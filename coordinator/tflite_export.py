@@ -76,12 +76,17 @@ def _convert(converter: Any, what: str) -> bytes:
     return flatbuffer
 
 
-def export_float_tflite(model: keras.Model) -> bytes:
-    """The model as a float32 ``.tflite`` flatbuffer (builtin ops only)."""
+def export_float_tflite(model: keras.Model, *, sparse: bool = False) -> bytes:
+    """The model as a float32 ``.tflite`` flatbuffer (builtin ops only).
+
+    ``sparse``: kernels with many zeros (a pruned model) stored in TFLite's sparse format.
+    """
     tf = _import_tf()
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    return _convert(converter, "float32")
+    if sparse:
+        converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+    return _convert(converter, "sparse float32" if sparse else "float32")
 
 
 def export_int8_tflite(

@@ -11,6 +11,7 @@ int8 (int8 weights, float activations), which needs no calibration at all.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
@@ -23,6 +24,7 @@ import numpy.typing as npt
 from coordinator.serving_files import activation_table
 from coordinator.state import CoordinatorState
 from protocol.errors import FedgeError, ModelError
+from protocol.masks import sparsity
 from protocol.messages.rounds import UpdateComplete
 from protocol.messages.variants import ActivationRanges, CalibrationSource, TensorRange
 from runtime.calibration import measure_activation_ranges, preserving_all_tensors
@@ -151,20 +153,33 @@ def serving_variants(
     eval_x: npt.ArrayLike,
     eval_y: npt.ArrayLike,
     central: bool,
+    weights: Sequence[npt.ArrayLike] = (),
+    sparse_tflite: bytes | None = None,
 ) -> list[tuple[dict[str, Any], bytes]]:
-    """The release's serving variants: (fields of its ModelVariant but the blob, bytes)."""
+    """The release's serving variants: (fields of its ModelVariant but the blob, bytes).
+
+    ``weights`` (the release's) give every variant its parameter count and sparsity; a
+    pruned release also has ``sparse_tflite``, the variant ``pruned``: the same weights in
+    TFLite's sparse storage.
+    """
     x = np.asarray(eval_x, np.float32)
     calibration = x[:CENTRAL_CALIBRATION_SAMPLES] if central and len(x) else None
     int8 = quantize_int8(float_tflite, agent_ranges=agent_ranges, central=calibration)
-    out: list[tuple[dict[str, Any], bytes]] = []
-    for name, data, quantization, source in (
+    rows: list[tuple[str, bytes, str, CalibrationSource | None]] = [
         ("float32", float_tflite, "float32", None),
         ("int8", int8.tflite, int8.quantization, int8.calibration),
-    ):
+    ]
+    if sparse_tflite is not None:
+        rows.append(("pruned", sparse_tflite, "float32", None))
+    out: list[tuple[dict[str, Any], bytes]] = []
+    for name, data, quantization, source in rows:
         fields: dict[str, Any] = {
             "name": name,
             "quantization": quantization,
             "calibration": source,
+            "sparsity": round(sparsity(weights), 6) if weights else 0.0,
+            "parameters": sum(int(np.size(w)) for w in weights),
+            "compressed_bytes": len(gzip.compress(data, compresslevel=9, mtime=0)),
             "evaluated_on": len(x),
             "accuracy": tflite_accuracy(data, x, eval_y) if len(x) else None,
         }

@@ -68,6 +68,8 @@ class ModelVariant(Message):
     calibration: CalibrationSource | None = None
     # Fraction of the weights that are exactly zero.
     sparsity: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    # Size of the .tflite compressed (gzip -9): what pruning's zeros save on a wire or disk.
+    compressed_bytes: Count = 0
     parameters: Count = 0
     accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     evaluated_on: Count = 0
@@ -115,6 +117,8 @@ class ModelRelease(Message):
     created_at: NonNegativeFloat = 0.0
     privacy: PrivacySpent | None = None
     variants: tuple[ModelVariant, ...] = ()
+    # Pruned training (protocol.masks): which weights are kept; agents hold the others at zero.
+    prune_mask: BlobRef | None = None
 
 
 class RoundConfig(Message):
