@@ -235,9 +235,7 @@ class FederatedClient(FederatedIO):
             self._secagg.begin(announcement)
         weights = decode_weights(self.fetch(release.weights))
         config = announcement.config
-        augment_seed = config.seed if config.augment else None
         trainer: Trainer
-        evaluation = None
         if release.recipe == "transfer":
             head = self._transfer.trainer(release, weights)
             x, y, evaluation = self._transfer.round_data(release, head, config)
@@ -245,7 +243,7 @@ class FederatedClient(FederatedIO):
         else:
             trainer = self._trainer_for(release)
             trainer.set_weights(weights)
-            x, y = self.dataset(release, augment_seed=augment_seed)
+            x, y, evaluation = self.round_data(release, trainer, config)
         others = self.other_labels(release)
         if len(x) < config.min_samples:
             held = f"; samples of other labels, not used: {others}" if others else ""

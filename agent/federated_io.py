@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from agent.augment import Augmenter
+from agent.evaluation import evaluate_model, held_out
 from agent.model import ServingModel
 from agent.serving import release_serving_model
 from agent.store import SampleStore
@@ -24,9 +25,11 @@ from agent.training import Trainer, make_trainer
 from agent.transfer_task import TransferTasks, sample_input
 from protocol.chunks import BlobManifest
 from protocol.errors import FedgeError, ModelError
+from protocol.messages.evaluation import Evaluation
 from protocol.messages.rounds import (
     BlobRef,
     ModelRelease,
+    RoundConfig,
 )
 from protocol.topics import Topics
 from protocol.updates import decode_weights
@@ -95,9 +98,34 @@ class FederatedIO:
         With ``augment_seed``, every image goes through the (seeded) training augmentation
         before the release's preprocessing, so each round sees different variations.
         """
-        index = {label: i for i, label in enumerate(release.labels)}
         augmenter = Augmenter(seed=augment_seed) if augment_seed is not None else None
-        inputs, targets = [], []
+        x, y, _ids = self._inputs(release, augmenter)
+        return x, y
+
+    def round_data(
+        self, release: ModelRelease, trainer: Trainer, config: RoundConfig
+    ) -> tuple[np.ndarray, np.ndarray, Evaluation | None]:
+        """The round's training samples, and ``trainer``'s model evaluated on the held-out ones.
+
+        ``config.eval_fraction`` of the samples (by a hash of their ids, so the same ones
+        every round) are never trained on; they are evaluated un-augmented, before training,
+        so the coordinator learns how the round's starting model does on data it never saw.
+        """
+        x, y, ids = self._inputs(release, None)
+        held = held_out(ids, config.eval_fraction)
+        evaluation = evaluate_model(
+            trainer, x[held], y[held], classes=len(release.labels), version=release.version
+        )
+        if config.augment:
+            x, y, ids = self._inputs(release, Augmenter(seed=config.seed))
+            held = held_out(ids, config.eval_fraction)
+        return x[~held], y[~held], evaluation
+
+    def _inputs(
+        self, release: ModelRelease, augmenter: Augmenter | None
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        index = {label: i for i, label in enumerate(release.labels)}
+        inputs, targets, ids = [], [], []
         for sample in sorted(self._store.samples(), key=lambda s: s.sample_id):
             if sample.label not in index:
                 continue
@@ -105,9 +133,10 @@ class FederatedIO:
             if image is not None:
                 inputs.append(image)
                 targets.append(index[sample.label])
+                ids.append(sample.sample_id)
         if not inputs:
-            return np.zeros((0,), np.float32), np.zeros((0,), np.int32)
-        return np.stack(inputs).astype(np.float32), np.asarray(targets, np.int32)
+            return np.zeros((0,), np.float32), np.zeros((0,), np.int32), []
+        return np.stack(inputs).astype(np.float32), np.asarray(targets, np.int32), ids
 
     def other_labels(self, release: ModelRelease) -> dict[str, int]:
         """Samples held whose labels the task does not name: counted, never trained on."""

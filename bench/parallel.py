@@ -1,6 +1,7 @@
 """Split learning (SplitFed v2) against FedAvg on the reference workload, side by side.
 
     python bench/parallel.py [--agents 4] [--rounds 10] [--out bench/results/parallel.json]
+        [--search-agents 10] [--search-rounds 10] [--rung-rounds 3] [--only split|search]
 
 Both run in one process, the agents' parts in LiteRT (the same trainable ``.tflite`` models an
 agent runs), the server's in Keras; bytes are the sizes of the real payloads each would send
@@ -9,13 +10,19 @@ agent runs), the server's in Keras; bytes are the sizes of the real payloads eac
 agent's share for one local epoch and averages the weights by samples; split learning runs
 every agent's batches through the shared upper part in turn, then averages the agents' lower
 parts by samples (SplitFed's federation step). Agent seconds are the time spent in the
-agents' LiteRT calls. The hyper-parameter search comparison is not here yet.
+agents' LiteRT calls.
+
+Then the hyper-parameter search against sequential trials (:mod:`fedge.harness.search_bench`):
+four configurations (learning rate 0.05 or 0.2, one or two local epochs) on the reference
+workload with agent processes through a real Mosquitto, each tried in turn on the whole
+fleet, then searched by successive halving on disjoint groups at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,7 @@ from coordinator.reference import build_reference_cnn, load_digits_split, non_ii
 from coordinator.split_model import UpperPart, export_lower_tflite, lower_weight_count
 from coordinator.trainable import TRAINABLE_SIGNATURES, build_trainable_module
 from coordinator.trainable_export import convert_module
+from fedge.harness.search_bench import compare_search, search_table
 from protocol.split import BatchId, split_messages
 from protocol.tensors import encode_tensors
 from protocol.topics import Topics
@@ -151,7 +159,30 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--search-agents", type=int, default=10)
+    parser.add_argument("--search-rounds", type=int, default=10)
+    parser.add_argument("--rung-rounds", type=int, default=3)
+    parser.add_argument("--only", choices=["split", "search"], default=None)
     args = parser.parse_args()
+    report: dict[str, Any] = {"agents": args.agents}
+    if args.only != "search":
+        report |= _split_half(args)
+    if args.only != "split":
+        with tempfile.TemporaryDirectory(prefix="fedge-search-") as workdir:
+            report["search"] = compare_search(
+                Path(workdir),
+                agents=args.search_agents,
+                rounds=args.search_rounds,
+                rung_rounds=args.rung_rounds,
+            )
+        print()
+        print("\n".join(search_table(report["search"])))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+def _split_half(args: argparse.Namespace) -> dict[str, Any]:
     split = load_digits_split()
     x_train = split.x_train.astype(np.float32)
     shares = [
@@ -166,11 +197,7 @@ def main() -> None:
         left = f"{f['accuracy']:>10.3f} {f['bytes_per_agent']:>12,.0f} {f['agent_seconds']:>8.2f}"
         right = f"{s['accuracy']:>9.3f} {s['bytes_per_agent']:>12,.0f} {s['agent_seconds']:>8.2f}"
         print(f"{number:>5} | {left} | {right} | {ratio:>4.1f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"agents": args.agents, "fedavg": fedavg, "split": splitfed}, indent=2)
-    )
-    print(f"wrote {args.out}")
+    return {"fedavg": fedavg, "split": splitfed}
 
 
 if __name__ == "__main__":

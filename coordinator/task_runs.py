@@ -22,7 +22,7 @@ from coordinator.mqtt_fleet import MqttFleet
 from coordinator.multitask import Leases, SerialisedProducer, TaskView
 from coordinator.round_plan import RoundOutcome, RoundPlan
 from coordinator.rounds import RoundRunner
-from coordinator.scheduler import TaskNeeds
+from coordinator.scheduler import TaskNeeds, able_for
 from coordinator.state import CoordinatorState
 from coordinator.task_producers import make_producer
 from coordinator.task_resume import check_resumable
@@ -102,7 +102,9 @@ class TaskRun:
         self.outcomes: list[RoundOutcome] = []
         self.progress: dict[str, Any] = {}
         self._thread: threading.Thread | None = None
+        self._pending: RoundPlan | None = None
         self._lock = threading.Lock()
+        self.note: str | None = None  # what the task is for, e.g. a search's trial
         self.fleet.subscribe()
 
     def _runner(self) -> RoundRunner:
@@ -128,19 +130,31 @@ class TaskRun:
             min_samples=plan.config.min_samples,
         )
 
-    def start(self, plan: RoundPlan) -> None:
+    def prepare(self, plan: RoundPlan) -> None:
+        """Publish the first release and take a share of the fleet; :meth:`launch` runs it."""
         with self._lock:
-            if self.busy:
+            if self.busy or self._pending is not None:
                 raise FedgeError(f"task {self.name} is running rounds already", reason="busy")
             self.runner = self._runner()
             # In the caller's thread: the first release is built and published before any
             # other task's worker asks the producer lock for its own.
             self.runner.republish_current()
             self._leases.join(self.needs(plan))
+            self._pending = plan
+
+    def launch(self) -> None:
+        with self._lock:
+            plan, self._pending = self._pending, None
+            if plan is None:
+                return
             self._thread = threading.Thread(
                 target=self._run, args=(plan,), name=f"task-{self.name}", daemon=True
             )
             self._thread.start()
+
+    def start(self, plan: RoundPlan) -> None:
+        self.prepare(plan)
+        self.launch()
 
     def join(self, timeout_s: float | None = None) -> list[RoundOutcome]:
         if self._thread is not None:
@@ -174,6 +188,7 @@ class TaskRun:
         done = [r for r in self.state.rounds() if r.state == "done"]
         accuracy = done[-1].metrics.get("accuracy") if done else None
         progress = self.progress if self.busy else {}
+        left = f"{progress['seconds_left']:.0f} s left" if progress.get("seconds_left") else None
         return TaskProgress(
             state=Phase.ANNOUNCED if self.busy else Phase.IDLE,
             round=progress.get("round") or self.state.last_round_number() or None,
@@ -182,9 +197,7 @@ class TaskRun:
             selected=progress.get("selected", 0),
             updates_received=progress.get("received", 0),
             accuracy=accuracy,
-            detail=(
-                f"{progress['seconds_left']:.0f} s left" if progress.get("seconds_left") else None
-            ),
+            detail="; ".join(d for d in (self.note, left) if d)[:1024] or None,
         )
 
 
@@ -250,9 +263,30 @@ class TaskRuns:
         return run
 
     def run_now(self, plans: Mapping[str, RoundPlan]) -> dict[str, list[RoundOutcome]]:
-        """Run several tasks' plans at once, in their own threads; wait for all of them."""
-        runs = {name: self.start(name, plan) for name, plan in plans.items()}
-        return {name: run.join() for name, run in runs.items()}
+        """Run several tasks' plans at once, in their own threads; each one's new outcomes.
+
+        Every task takes its share of the fleet before any selects, so the first to start
+        does not take every agent for its first round.
+        """
+        runs = {name: self.run(name) for name in plans}
+        before = {name: len(run.outcomes) for name, run in runs.items()}
+        for name, run in runs.items():
+            run.prepare(plans[name])
+        for run in runs.values():
+            run.launch()
+        return {name: run.join()[before[name] :] for name, run in runs.items()}
+
+    def task(self, name: str) -> tuple[LoadedTask, Path | None]:
+        with self._lock:
+            if name not in self._known:
+                raise FedgeError(f"no task {name!r}", reason="unknown_task")
+            return self._known[name]
+
+    def able_agents(self, name: str) -> int:
+        """Agents that could train ``name`` now, whatever other tasks hold."""
+        loaded, _ = self.task(name)
+        needs = TaskNeeds(task=name, labels=frozenset(loaded.spec.labels))
+        return sum(1 for a in self._registry.agents().values() if able_for(needs, a))
 
     @property
     def busy(self) -> bool:
