@@ -58,6 +58,7 @@ def test_numpy_is_imported_only_by_the_tensor_codec() -> None:
                 names = [node.module]
             if any(name.split(".")[0] == "numpy" for name in names):
                 importers.append(path.name)
-    # The tensor codec: named arrays (tensors.py) and weights/updates built on it (updates.py);
-    # secure aggregation's wire arithmetic (secagg.py: quantisation and masks mod 2^32).
-    assert set(importers) <= {"tensors.py", "updates.py", "secagg.py"}
+    # The tensor codec: named arrays (tensors.py) and weights/updates built on it (updates.py,
+    # and masks.py: pruning masks and updates cut to the kept weights); secure aggregation's
+    # wire arithmetic (secagg.py: quantisation and masks mod 2^32).
+    assert set(importers) <= {"tensors.py", "updates.py", "masks.py", "secagg.py"}
