@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
+from protocol.chunks import CHUNK_HEADER_BYTES, DEFAULT_MAX_CHUNK_BYTES
 from protocol.errors import TopicError
 from protocol.frames import DEFAULT_MAX_FRAME_BYTES
 from protocol.topics import validate_filter, validate_id
@@ -60,6 +61,9 @@ class AgentConfig(FedgeSettings):
     coordinator_key: Path | None = None
     trainer: Literal["auto", "litert", "keras"] = "auto"
     follow_fleet_models: bool = True
+    # The largest update chunk this agent publishes (header included): fits the broker's
+    # message limit (AWS IoT Core 128 KB); smaller chunks resume a cut upload with less resent.
+    max_chunk_bytes: Annotated[int, Field(ge=CHUNK_HEADER_BYTES + 1)] = DEFAULT_MAX_CHUNK_BYTES
     # local differential privacy: noise added to every update before it leaves the agent
     local_dp_noise_multiplier: Annotated[float, Field(gt=0.0, le=1000.0)] | None = None
     local_dp_clip_norm: Annotated[float, Field(gt=0.0)] | None = None

@@ -320,6 +320,7 @@ class Agent(AgentCommands):
             on_swap=self._swap if self.config.follow_fleet_models else None,
             on_waiting=self._publish_status,
             local_dp=self._local_dp(),
+            max_chunk_bytes=self.config.max_chunk_bytes,
         )
 
     def _local_dp(self) -> LocalDp | None:

@@ -36,7 +36,7 @@ from agent.secagg_stages import AgentSecAgg
 from agent.store import SampleStore
 from agent.training import TrainConfig, Trainer, make_trainer
 from agent.transfer_task import TransferTasks
-from protocol.chunks import split_blob
+from protocol.chunks import CHUNK_HEADER_BYTES, DEFAULT_MAX_CHUNK_BYTES, split_blob
 from protocol.errors import FedgeError, ModelError
 from protocol.masks import decode_masks
 from protocol.messages.base import Message
@@ -89,6 +89,7 @@ class FederatedClient(FederatedIO):
         on_swap: SwapCallback | None = None,
         on_waiting: Callable[[], None] | None = None,
         local_dp: LocalDp | None = None,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     ) -> None:
         self.agent_id = agent_id
         self.topics = topics
@@ -108,6 +109,7 @@ class FederatedClient(FederatedIO):
         self.waiting_for: str | None = None
         self.stalled_blob: str | None = None
         self._local_dp = local_dp
+        self._max_chunk_bytes = max_chunk_bytes
         self._jobs: queue.Queue[_Job] = queue.Queue()
         self._fetchers: dict[str, BlobFetcher] = {}
         self._fetch_lock = threading.Lock()
@@ -282,7 +284,7 @@ class FederatedClient(FederatedIO):
             encoding = UpdateEncoding.MASKED_U32
         else:
             blob = encode_update(deltas, encoding=Encoding(config.update_encoding.value))
-        manifest, chunks = split_blob(blob)
+        manifest, chunks = split_blob(blob, max_chunk_bytes=self._max_chunk_bytes)
         complete = UpdateComplete(
             round=number,
             agent=self.agent_id,
@@ -371,7 +373,9 @@ class FederatedClient(FederatedIO):
         except (OSError, FedgeError):
             logger.info("round %d announced again; no kept update to send", number)
             return
-        _, chunks = split_blob(blob)
+        # Cut as the first time (the kept completion names the chunk size), whatever the
+        # setting says now: the coordinator may already hold some of these chunks.
+        _, chunks = split_blob(blob, max_chunk_bytes=complete.chunk_bytes + CHUNK_HEADER_BYTES)
         self._send_update(number, chunks, complete)
         logger.info("round %d announced again: update sent again", number)
 

@@ -16,48 +16,26 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.daemon import Coordinator
-from coordinator.rounds import RoundOutcome, RoundPlan
-from fedge.harness.federation import Federation, federation
+from fedge.harness.federation import federation
 from protocol.topics import Topics
 from runtime.mosquitto import MosquittoProcess
+from tests.system.restarts import crash, has_persistence, restarting_mosquitto, round_completes
 
 pytestmark = [pytest.mark.broker, pytest.mark.system]
 
 NUM_AGENTS = 2
-ROUND_DEADLINE_S = 90.0
 
 
 @pytest.fixture(params=[True, False], ids=["persistence", "no-persistence"])
 def broker(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, mosquitto_binary: Path
 ) -> Iterator[MosquittoProcess]:
-    extra = () if request.param else ("persistence false",)
-    process = MosquittoProcess(
-        mosquitto_binary, tmp_path_factory.mktemp("restarting-mosquitto"), extra_config=extra
-    )
-    process.start()
+    workdir = tmp_path_factory.mktemp("restarting-mosquitto")
+    process = restarting_mosquitto(mosquitto_binary, workdir, persistence=request.param)
     try:
         yield process
     finally:
         process.stop()
-
-
-def _crash(broker: MosquittoProcess, times: int = 1) -> None:
-    for _ in range(times):
-        broker.kill()
-        broker.start()
-
-
-def _round(fed: Federation, coordinator: Coordinator) -> RoundOutcome:
-    fed.wait_for_agents(NUM_AGENTS)
-    (outcome,) = coordinator.run_plan_now(
-        RoundPlan(rounds=1, min_agents=NUM_AGENTS, deadline_s=ROUND_DEADLINE_S)
-    )
-    logs = "\n".join(agent.log()[-2000:] for agent in fed.agents)
-    assert outcome.ok, f"{outcome.reason}\n{logs}"
-    assert outcome.metrics["updates"] == NUM_AGENTS  # each agent's update counted once
-    return outcome
 
 
 def test_rounds_complete_after_the_broker_is_killed_at_several_points(
@@ -67,16 +45,16 @@ def test_rounds_complete_after_the_broker_is_killed_at_several_points(
     with federation(tmp_path, broker, topics, num_agents=NUM_AGENTS) as fed:
         coordinator = fed.start_coordinator()
         # Right after the first release, before the agents could have fetched it.
-        _crash(broker)
-        first = _round(fed, coordinator)
+        crash(broker)
+        first = round_completes(fed, coordinator, NUM_AGENTS)
         # Between rounds.
-        _crash(broker)
-        second = _round(fed, coordinator)
+        crash(broker)
+        second = round_completes(fed, coordinator, NUM_AGENTS)
         # Several times in a row.
-        _crash(broker, times=3)
-        third = _round(fed, coordinator)
+        crash(broker, times=3)
+        third = round_completes(fed, coordinator, NUM_AGENTS)
         assert [first.round, second.round, third.round] == [1, 2, 3]
-        if "persistence false" in broker.config_path.read_text():
+        if not has_persistence(broker):
             # Nothing survived: the coordinator had to put its state back.
             assert coordinator.keeper.republished >= 1
         rounds = [r for r in coordinator.state.rounds() if r.round >= 1]
