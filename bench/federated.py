@@ -107,6 +107,8 @@ def _round_rows(coordinator: Coordinator, outcomes: Sequence[RoundOutcome]) -> l
                 "examples": metrics.get("examples"),
                 "bytes_up_per_agent": metrics["bytes_up"] / updates if updates else None,
                 "bytes_down_per_agent": _bytes_down(coordinator, outcome),
+                # Secure aggregation's stage traffic and DP's epsilon (bench/privacy.py).
+                "metrics": {k: v for k, v in metrics.items() if k.startswith(("secagg_", "dp_"))},
             }
         )
     return rows
@@ -278,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help=f"N={QUICK_AGENTS}, {QUICK_ROUNDS} rounds"
     )
+    parser.add_argument(
+        "--privacy", action="store_true", help="also bench/privacy.py's rows (secagg, DP)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     parser.add_argument(
         "--figure", type=Path, help="per-round figure (PNG); default: --out with .png"
@@ -298,6 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for check in checks:
         print(f"{check['status']}  {check['target']}: {check['detail']}")
+    privacy = None
+    if args.privacy:
+        from privacy import privacy_rows, privacy_tables  # bench/privacy.py imports this module
+
+        privacy = privacy_rows(
+            secagg_agents=args.agents,
+            secagg_rounds=10,
+            dp_noise=(0.5, 1.0, 2.0),
+            dp_rounds=args.rounds,
+            distributed_noise=(1.0,),
+        )
+        print(f"\n{privacy_tables(privacy)}")
     elapsed = time.monotonic() - started
     print(f"\nbenchmark wall time {elapsed:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -309,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "flower": [asdict(ref) for ref in FLOWER_REFERENCES],
         "checks": checks,
+        "privacy": privacy,
         "wall_s": elapsed,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")

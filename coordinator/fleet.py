@@ -79,8 +79,11 @@ class Fleet(ABC):
 
     def publish_secagg(
         self, round_number: int, stage: str, message: Message, *, agent: str | None = None
-    ) -> None:
-        """Publish a signed stage message (QoS 1): to everyone, or to ``agent``'s inbox."""
+    ) -> int:
+        """Publish a signed stage message (QoS 1): to everyone, or to ``agent``'s inbox.
+
+        Returns the payload's size in bytes (what each recipient receives).
+        """
         del round_number, stage, message, agent
         raise ConfigError("this fleet cannot run secure aggregation", reason="secagg_fleet")
 

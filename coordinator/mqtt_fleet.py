@@ -169,13 +169,14 @@ class MqttFleet(Fleet):
 
     def publish_secagg(
         self, round_number: int, stage: str, message: Message, *, agent: str | None = None
-    ) -> None:
+    ) -> int:
         if agent is not None:
             topic = self.topics.secagg_inbox(round_number, agent)
         else:
             topic = self.topics.secagg_broadcast(round_number, stage)
-        signed = self._key.sign(message.model_dump_json())
-        self.link.publish(topic, encode_message(signed))
+        payload = encode_message(self._key.sign(message.model_dump_json()))
+        self.link.publish(topic, payload)
+        return len(payload)
 
     def reject(self, event: ErrorEvent, *, agent: str | None = None) -> None:
         del agent  # the message names the agent; agents watch the coordinator's events

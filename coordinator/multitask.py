@@ -140,8 +140,8 @@ class TaskView(Fleet):
 
     def publish_secagg(
         self, round_number: int, stage: str, message: Message, *, agent: str | None = None
-    ) -> None:
-        self.inner.publish_secagg(round_number, stage, message, agent=agent)
+    ) -> int:
+        return self.inner.publish_secagg(round_number, stage, message, agent=agent)
 
     def now(self) -> float:
         return self.inner.now()

@@ -210,7 +210,11 @@ class RoundRunner(RoundClosing):
             logger.error("round %d failed: %s", number, reason)  # noqa: TRY400 - reason says it
             return RoundOutcome(number, ok=False, version=None, reason=reason, metrics={})
         mean = [np.asarray(b, np.float64) + m for b, m in zip(base, result.mean, strict=True)]
-        extra = {f"secagg_dropped_{stage}": count for stage, count in result.dropped.items()}
+        extra: dict[str, Any] = {
+            f"secagg_dropped_{stage}": count for stage, count in result.dropped.items()
+        }
+        extra["secagg_stage_bytes_up"] = result.stage_bytes_up
+        extra["secagg_stage_bytes_down"] = result.stage_bytes_down
         spent = None
         if plan.privacy is not None:  # the agents' noise is in the sum: charge the ledger
             dp_metrics, spent = self.privacy.charge_secure(

@@ -48,6 +48,9 @@ class SecAggResult:
     examples: int
     bytes_up: int
     dropped: dict[str, int]  # stage -> agents that dropped at it
+    # Key, share and unmask traffic on top of the masked uploads, summed over the agents.
+    stage_bytes_up: int = 0
+    stage_bytes_down: int = 0
 
 
 class _Stages:
@@ -77,6 +80,8 @@ class _Stages:
         )
         self.examples = 0
         self.bytes_up = 0
+        self.stage_bytes_up = 0
+        self.stage_bytes_down = 0
         self.progress = progress
 
     def run(self) -> SecAggResult:
@@ -88,19 +93,23 @@ class _Stages:
         )
         directory = server.directory()
         self.progress("shares", 0)
-        fleet.publish_secagg(self.number, "directory", directory)
+        # A broadcast reaches every selected agent (they all subscribe to the round's stages).
+        receivers = len(selected)
+        self.stage_bytes_down += receivers * fleet.publish_secagg(
+            self.number, "directory", directory
+        )
         advertised = set(server.keys)
         self._collect("shares", lambda: advertised <= set(server.sharers), fleet.now() + stage_s)
         inboxes = server.inboxes()
         self.progress("upload", 0)
         for agent, inbox in inboxes.items():
-            fleet.publish_secagg(self.number, "inbox", inbox, agent=agent)
+            self.stage_bytes_down += fleet.publish_secagg(self.number, "inbox", inbox, agent=agent)
         sharers = set(server.sharers)
         upload_until = max(self.announcement.deadline_at, fleet.now() + stage_s)
         self._collect("upload", lambda: sharers <= server.uploaded, upload_until)
         request = server.unmask_request()
         self.progress("unmask", len(server.uploaded))
-        fleet.publish_secagg(self.number, "unmask", request)
+        self.stage_bytes_down += receivers * fleet.publish_secagg(self.number, "unmask", request)
         self._collect(
             "unmask", lambda: not server.missing() and self._all_revealed(), fleet.now() + stage_s
         )
@@ -116,7 +125,15 @@ class _Stages:
             "upload": len(request.dropped),
             "unmask": len(set(request.survivors) - server.revealed_by),
         }
-        return SecAggResult(mean, count, self.examples, self.bytes_up, dropped)
+        return SecAggResult(
+            mean,
+            count,
+            self.examples,
+            self.bytes_up,
+            dropped,
+            stage_bytes_up=self.stage_bytes_up,
+            stage_bytes_down=self.stage_bytes_down,
+        )
 
     def _all_revealed(self) -> bool:
         return set(self.server.unmask_request().survivors) <= self.server.revealed_by
@@ -132,6 +149,7 @@ class _Stages:
                 self._on_upload(update)
 
     def _on_message(self, stage: str, agent: str, payload: bytes) -> None:
+        self.stage_bytes_up += len(payload)
         try:
             message = decode_message(payload, _KINDS[stage])
             if not isinstance(message, AgentKeys | EncryptedShares | UnmaskShares):

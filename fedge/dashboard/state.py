@@ -46,6 +46,7 @@ class FleetView:
         self._rounds: dict[int, dict[str, Any]] = {}
         self._coordinator: dict[str, Any] | None = None
         self._announcement: dict[str, Any] | None = None
+        self._privacy: dict[str, Any] | None = None  # the newest DP release's budget
         self.rejected = 0
         self.last_rejection: str | None = None
 
@@ -89,6 +90,7 @@ class FleetView:
                 "agents": [dict(self._agents[a]) for a in sorted(self._agents)],
                 "coordinator": self._coordinator,
                 "round": self._announcement,
+                "privacy": self._privacy,
                 "history": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rounds],
                 "cameras": [dict(self._cameras[c]) for c in sorted(self._cameras)],
                 "rejected": self.rejected,
@@ -169,6 +171,20 @@ class FleetView:
         if release.metrics is not None:
             entry["accuracy"] = release.metrics.accuracy
             entry["loss"] = release.metrics.loss
+        spent = release.privacy
+        if spent is not None:
+            entry["epsilon"], entry["delta"] = spent.epsilon, spent.delta
+            if self._privacy is None or release.round >= self._privacy["round"]:
+                self._privacy = {
+                    "round": release.round,
+                    "epsilon": spent.epsilon,
+                    "delta": spent.delta,
+                    "target_epsilon": spent.target_epsilon,
+                    "rounds": spent.rounds,
+                    "noise_multiplier": spent.noise_multiplier,
+                    "clip_norm": spent.clip_norm,
+                    "accounting": spent.accounting,
+                }
 
     def _on_update(self, payload: bytes) -> None:
         update = decode_message(payload, UpdateComplete)

@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dp_accounting
 import pytest
+from dp_accounting.rdp import rdp_privacy_accountant
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
@@ -146,7 +148,50 @@ def _wait_text(driver: WebDriver, selector: str, expected: str, timeout_s: float
     )
 
 
-def test_dashboard_shows_the_fleet_runs_a_round_and_sees_an_agent_go_offline(
+def _epsilon(rounds: int, noise: float, delta: float) -> float:
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(noise), rounds)
+    return float(accountant.get_epsilon(delta))
+
+
+def _show_dp_rounds(browser: WebDriver, mosquitto: MosquittoProcess, topics: Topics) -> None:
+    """Two DP rounds (2 and 3) started with `fedge round start`; a budget that stops the 4th."""
+    two = _epsilon(2, 1.0, 1e-5)
+    budget = two * 1.0001
+    started = subprocess.run(
+        [
+            *(sys.executable, "-m", "fedge", "round", "start", "--broker", mosquitto.url),
+            *("--fleet", topics.fleet, "--root", topics.root, "--rounds", "3"),
+            *("--min-agents", "2", "--deadline", "60s", "--dp-noise-multiplier", "1.0"),
+            *("--dp-clip-norm", "0.5", "--dp-target-epsilon", repr(budget)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=ROUND_TIMEOUT_S,
+        check=False,
+    )
+    assert started.returncode == 0, started.stderr
+    _wait_text(browser, 'tr[data-round="3"] .epsilon', f"{two:.3f} (1e-5)", ROUND_TIMEOUT_S)
+    one = _epsilon(1, 1.0, 1e-5)
+    assert _text(browser, 'tr[data-round="2"] .epsilon') == f"{one:.3f} (1e-5)"
+    assert _text(browser, 'tr[data-round="1"] .epsilon') == "-"
+    _wait_text(
+        browser,
+        "#privacy-spent",
+        f"epsilon {two:.3f} at delta 1e-5 of a budget of {budget:.3f} (2 rounds charged)",
+        ROUND_TIMEOUT_S,
+    )
+    bar = browser.find_element(By.ID, "privacy-budget")
+    assert bar.is_displayed()
+    assert abs(float(bar.get_attribute("value") or "nan") - two) < 1e-9
+    assert abs(float(bar.get_attribute("max") or "nan") - budget) < 1e-9
+    assert _text(browser, "#privacy-accounting").startswith("rdp, no sampling amplification")
+    # The budget stops the plan before a 4th round: the coordinator goes idle without it.
+    _wait_text(browser, "#coordinator-state", "idle", ROUND_TIMEOUT_S)
+    assert _text(browser, 'tr[data-round="4"] .epsilon') == ""
+
+
+def test_dashboard_shows_the_fleet_runs_rounds_with_epsilon_and_sees_an_agent_go_offline(
     mosquitto: MosquittoProcess,
     topics: Topics,
     tmp_path: Path,
@@ -210,6 +255,7 @@ def test_dashboard_shows_the_fleet_runs_a_round_and_sees_an_agent_go_offline(
             wait_until(result_shown, ROUND_TIMEOUT_S, what="a result for camera door")
         finally:
             disconnect(client)
+        _show_dp_rounds(browser, mosquitto, topics)
         if os.environ.get(SCREENSHOT_ENV):
             browser.save_screenshot(os.environ[SCREENSHOT_ENV])
 

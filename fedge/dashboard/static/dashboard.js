@@ -21,6 +21,10 @@ function fixed(value, digits) {
   return value === undefined || value === null ? "-" : Number(value).toFixed(digits);
 }
 
+function exp(value) {
+  return value === undefined || value === null ? "-" : Number(value).toExponential();
+}
+
 function renderAgents(agents) {
   const body = $("agents").tBodies[0];
   body.replaceChildren();
@@ -66,6 +70,29 @@ function renderRound(snapshot) {
   $("round-detail").textContent = (c && c.detail) || "-";
 }
 
+// (epsilon, delta) spent so far, from the newest DP release, against the plan's budget.
+function renderPrivacy(privacy) {
+  const bar = $("privacy-budget");
+  if (!privacy) {
+    bar.hidden = true;
+    $("privacy-spent").textContent = "no DP rounds";
+    $("privacy-accounting").textContent = "-";
+    return;
+  }
+  const spent = `epsilon ${fixed(privacy.epsilon, 3)} at delta ${exp(privacy.delta)}`;
+  const budget = privacy.target_epsilon;
+  bar.hidden = budget === null || budget === undefined;
+  if (!bar.hidden) {
+    bar.max = budget;
+    bar.value = Math.min(privacy.epsilon, budget);
+  }
+  $("privacy-spent").textContent = bar.hidden
+    ? `${spent}, no budget (${privacy.rounds} rounds charged)`
+    : `${spent} of a budget of ${fixed(budget, 3)} (${privacy.rounds} rounds charged)`;
+  $("privacy-accounting").textContent =
+    `${privacy.accounting}; noise multiplier ${fixed(privacy.noise_multiplier, 4)}, clip norm ${privacy.clip_norm}`;
+}
+
 function makePlot(target, title, series) {
   const width = Math.max(280, $(target).clientWidth || 320);
   return new uPlot(
@@ -92,6 +119,7 @@ function renderHistory(history) {
         { label: "up (updates)", unit: "kB", stroke: "#2f855a" },
         { label: "down (weights)", unit: "kB", stroke: "#6b46c1" },
       ]),
+      epsilon: makePlot("plot-epsilon", "Privacy spent (DP rounds)", [{ label: "epsilon", unit: "epsilon", stroke: "#b83280" }]),
     };
   }
   const x = rounds.map((h) => h.round);
@@ -99,6 +127,7 @@ function renderHistory(history) {
   plots.accuracy.setData([x, val("accuracy", 1)]);
   plots.loss.setData([x, val("loss", 1)]);
   plots.bytes.setData([x, val("bytes_up", 0.001), val("bytes_down", 0.001)]);
+  plots.epsilon.setData([x, val("epsilon", 1)]);
 
   const body = $("history").tBodies[0];
   body.replaceChildren();
@@ -112,6 +141,7 @@ function renderHistory(history) {
     cell(row, h.updates === undefined ? "-" : `${h.updates} of ${h.selected ?? "?"}`, "num");
     cell(row, kB(h.bytes_up), "num");
     cell(row, kB(h.bytes_down), "num");
+    cell(row, h.epsilon === undefined ? "-" : `${fixed(h.epsilon, 3)} (${exp(h.delta)})`, "num epsilon");
   }
 }
 
@@ -137,6 +167,7 @@ function render(snapshot) {
   $("fleet").textContent = `fleet ${snapshot.fleet} (topics under ${snapshot.root}/)`;
   renderAgents(snapshot.agents);
   renderRound(snapshot);
+  renderPrivacy(snapshot.privacy);
   renderHistory(snapshot.history);
   renderCameras(snapshot.cameras, snapshot.now);
 }
