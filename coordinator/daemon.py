@@ -18,7 +18,9 @@ from coordinator.plans import plan_from_command
 from coordinator.private_rounds import REFUSED_REASON
 from coordinator.recovery import RetainedKeeper
 from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
+from coordinator.search import grid, search_from_options, start_search
 from coordinator.state import CoordinatorState
+from coordinator.task_metrics import TaskMeter
 from coordinator.task_producers import make_producer
 from coordinator.task_resume import check_resumable
 from coordinator.task_runs import TaskRuns, task_defaults
@@ -99,6 +101,7 @@ class Coordinator:
             signing_key=self.signing_key,
             registry=self.fleet,
             on_change=lambda: self._publish_status(self._phase()),
+            on_outcome=TaskMeter(self.metrics).outcome,
         )
         self.fleet.on_stalled_blob = self.keeper.on_stalled_blob
 
@@ -259,12 +262,25 @@ class Coordinator:
         }
 
     def _start_task(self, command: StartRounds) -> dict[str, str | int | float | bool | None]:
-        assert command.task is not None
-        self.tasks.run(command.task)  # an unknown task is refused before its options
-        plan = plan_from_command(command, defaults=self.tasks.defaults(command.task))
-        run = self.tasks.start(command.task, plan)
+        task = command.task
+        assert task is not None
+        self.tasks.run(task)  # an unknown task is refused before its options
+        space, rung_rounds, options = search_from_options(command.options)
+        command = command.model_copy(update={"options": options})
+        plan = plan_from_command(command, defaults=self.tasks.defaults(task))
+        if space:
+            start_search(
+                self.tasks,
+                task=task,
+                space=space,
+                base=plan,
+                rung_rounds=rung_rounds,
+                record=self.state,
+            )
+            return {"task": task, "rounds": plan.rounds, "search": len(grid(space))}
+        run = self.tasks.start(task, plan)
         return {
-            "task": command.task,
+            "task": task,
             "rounds": plan.rounds,
             "strategy": plan.strategy,
             "next_round": run.state.last_round_number() + 1,

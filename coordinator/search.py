@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -36,12 +37,15 @@ from coordinator.task_runs import TaskRuns
 from protocol.errors import ConfigError
 
 __all__ = [
+    "SEARCH_PREFIX",
     "SearchResult",
     "Trial",
     "grid",
     "halving_rungs",
     "run_search",
     "score_of",
+    "search_from_options",
+    "start_search",
     "trial_plan",
 ]
 
@@ -51,6 +55,8 @@ logger = logging.getLogger(__name__)
 CONFIG_KEYS = frozenset({"learning_rate", "epochs", "proximal_mu", "batch_size"})
 STRATEGY_KEYS = frozenset({"server_lr"})
 DEFAULT_EVAL_FRACTION = 0.2  # trials are scored on held-out samples: a search needs some
+SEARCH_PREFIX = "search."  # start_rounds options: search.<key> = "v1,v2,...", search.rung_rounds
+DEFAULT_RUNG_ROUNDS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,3 +224,74 @@ def _last_selected(tasks: TaskRuns, name: str) -> list[str]:
 def _save(record: CoordinatorState | None, result: SearchResult) -> None:
     if record is not None:
         record.put(f"search:{result.task}", result.to_json())
+
+
+def search_from_options(
+    options: Mapping[str, Any],
+) -> tuple[dict[str, list[float]], int, dict[str, Any]]:
+    """A start_rounds command's ``search.*`` options: the space, the rung length, the rest.
+
+    ``search.learning_rate = "0.05,0.2"`` gives the values of one key; ``search.rung_rounds``
+    the rounds of a rung. Values come from the network: anything that does not parse is a
+    :class:`ConfigError` with reason ``bad_search``.
+    """
+    space: dict[str, list[float]] = {}
+    rung_rounds = DEFAULT_RUNG_ROUNDS
+    rest: dict[str, Any] = {}
+    for key, value in options.items():
+        if not key.startswith(SEARCH_PREFIX):
+            rest[key] = value
+            continue
+        name = key[len(SEARCH_PREFIX) :]
+        try:
+            if name == "rung_rounds":
+                rung_rounds = int(value)
+                continue
+            values = [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError as exc:
+            raise ConfigError(f"search option {key}={value!r}: {exc}", reason="bad_search") from exc
+        space[name] = [int(v) if name in {"epochs", "batch_size"} else v for v in values]
+    if space:
+        grid(space)  # unknown keys are refused before any round
+        if rung_rounds < 1:
+            raise ConfigError("search.rung_rounds must be at least 1", reason="bad_search")
+    return space, rung_rounds, rest
+
+
+def start_search(
+    tasks: TaskRuns,
+    *,
+    task: str,
+    space: Mapping[str, Sequence[Any]],
+    base: RoundPlan,
+    rung_rounds: int,
+    record: CoordinatorState | None = None,
+) -> threading.Thread:
+    """:func:`run_search` in a thread: ``base.rounds`` rounds of the whole fleet in all."""
+    rungs = len(halving_rungs(len(grid(space))))
+    final_rounds = base.rounds - rungs * rung_rounds
+    if final_rounds < 0:
+        raise ConfigError(
+            f"{rungs} rungs of {rung_rounds} rounds do not fit in {base.rounds} rounds",
+            reason="bad_search",
+        )
+    for options in grid(space):
+        trial_plan(base, options, rounds=1)  # a bad value is refused now, not in the thread
+
+    def search() -> None:
+        try:
+            run_search(
+                tasks,
+                task=task,
+                space=space,
+                base=base,
+                rounds_per_rung=rung_rounds,
+                final_rounds=final_rounds,
+                record=record,
+            )
+        except Exception:
+            logger.exception("search of %s failed", task)
+
+    thread = threading.Thread(target=search, name=f"search-{task}", daemon=True)
+    thread.start()
+    return thread

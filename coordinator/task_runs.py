@@ -79,6 +79,7 @@ class TaskRun:
         registry: Fleet,
         leases: Leases,
         on_change: Callable[[], None] | None = None,
+        on_outcome: Callable[[str, RoundOutcome], None] | None = None,
     ) -> None:
         self.name = name
         self.task = task
@@ -98,6 +99,7 @@ class TaskRun:
         )
         self._leases = leases
         self._on_change = on_change
+        self._on_outcome = on_outcome
         self.runner = self._runner()
         self.outcomes: list[RoundOutcome] = []
         self.progress: dict[str, Any] = {}
@@ -113,7 +115,12 @@ class TaskRun:
             state=self.state,
             producer=self.producer,
             on_progress=self._on_progress,
+            on_outcome=self._outcome,
         )
+
+    def _outcome(self, outcome: RoundOutcome) -> None:
+        if self._on_outcome is not None:
+            self._on_outcome(self.name, outcome)
 
     @property
     def busy(self) -> bool:
@@ -212,8 +219,10 @@ class TaskRuns:
         signing_key: SigningKey,
         registry: Fleet,
         on_change: Callable[[], None] | None = None,
+        on_outcome: Callable[[str, RoundOutcome], None] | None = None,
     ) -> None:
         self._config = config
+        self._on_outcome = on_outcome
         self._link = link
         self._key = signing_key
         self._registry = registry
@@ -250,6 +259,7 @@ class TaskRuns:
                     registry=self._registry,
                     leases=self.leases,
                     on_change=self._on_change,
+                    on_outcome=self._on_outcome,
                 )
             return self._runs[name]
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from fedge.commands.common import console
+from fedge.commands.search_options import search_options
 
 if TYPE_CHECKING:
     pass
@@ -109,6 +110,20 @@ def round_group() -> None:
     help="One of the coordinator's tasks (its `tasks` setting), run beside the others.",
 )
 @click.option(
+    "--search",
+    "search",
+    multiple=True,
+    metavar="KEY=V1,V2",
+    help="With --task: search these values by successive halving (learning_rate, epochs, "
+    "batch_size, proximal_mu, server_lr), then train the winner; --rounds counts them all.",
+)
+@click.option(
+    "--rung-rounds",
+    type=click.IntRange(1),
+    default=None,
+    help="Rounds of each rung of a --search [default: 3].",
+)
+@click.option(
     "--secure-aggregation",
     is_flag=True,
     help="SecAgg+: the coordinator sees only the sum of the updates (FedAvg, FedAdam, FedYogi).",
@@ -181,6 +196,8 @@ def round_start(
       fedge round start --strategy fedadam --option eta=0.01 --encoding int8
       fedge round start --secure-aggregation --secagg-threshold 4 --secagg-degree 8
       fedge round start --task door --rounds 20
+      fedge round start --task digits_cnn --rounds 10 --search learning_rate=0.05,0.2 \\
+          --search epochs=1,2 --rung-rounds 3
       fedge round start --rounds 30 --dp-noise-multiplier 1.0 --dp-clip-norm 0.5 \\
           --dp-target-epsilon 8
     """
@@ -203,6 +220,7 @@ def round_start(
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
         options[key] = _option_value(value)
     options.update(_dp_options(settings))
+    options.update(search_options(settings))
     options.update(_secagg_options(settings))
     command = StartRounds(
         command_id=_command_id(),
@@ -224,6 +242,13 @@ def round_start(
         )
     if not ack.ok:
         raise click.ClickException(f"coordinator refused: {ack.message} ({ack.reason})")
+    if ack.detail.get("search"):
+        console.print(
+            f"coordinator accepted: a search of {ack.detail['search']} configurations for "
+            f"task {command.task} in {command.rounds} rounds of the whole fleet; watch with "
+            "`fedge round status --watch`"
+        )
+        return
     console.print(
         f"coordinator accepted: {command.rounds} rounds of {command.strategy}, "
         f"starting with round {ack.detail.get('next_round')}; "

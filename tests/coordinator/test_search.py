@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from coordinator.round_plan import RoundOutcome, RoundPlan
-from coordinator.search import grid, halving_rungs, score_of, trial_plan
+from coordinator.search import grid, halving_rungs, score_of, search_from_options, trial_plan
 from protocol.errors import ConfigError, FedgeError
 
 
@@ -55,3 +55,20 @@ def test_a_trial_is_scored_by_its_newest_federated_accuracy() -> None:
         outcome(3, ok=False, federated_accuracy=0.9),
     ]
     assert score_of(rounds) == 0.7
+
+
+def test_a_command_names_its_search_in_search_options() -> None:
+    options = {
+        "search.learning_rate": "0.05,0.2",
+        "search.epochs": "1,2",
+        "search.rung_rounds": 4,
+        "update_encoding": "int8",
+    }
+    space, rung_rounds, rest = search_from_options(options)
+    assert space == {"learning_rate": [0.05, 0.2], "epochs": [1, 2]}
+    assert (rung_rounds, rest) == (4, {"update_encoding": "int8"})
+    assert search_from_options({"mu": 0.1}) == ({}, 3, {"mu": 0.1})
+    for bad in ({"search.learning_rate": "fast"}, {"search.momentum": "0.9"}):
+        with pytest.raises(ConfigError) as caught:
+            search_from_options(bad)
+        assert caught.value.reason == "bad_search"
