@@ -307,6 +307,10 @@ class Agent(AgentCommands):
             raise ConfigError(
                 f"trainer {kind!r} is not available here (available: {self._trainers})"
             )
+        # Auto: the other trainer takes releases the first cannot train (a Keras-only model).
+        fallback = next((k for k in self._trainers if k != kind), None)
+        if self.config.trainer != "auto":
+            fallback, self._trainers = None, [kind]  # the birth message names only it
         return FederatedClient(
             agent_id=self.config.agent_id,
             topics=self.topics,
@@ -317,6 +321,7 @@ class Agent(AgentCommands):
             data_dir=self.config.data_dir / "federated",
             verify_key=load_verify_key(self.config.coordinator_key),
             trainer_kind=kind,
+            fallback_trainer=fallback,
             on_swap=self._swap if self.config.follow_fleet_models else None,
             on_waiting=self._publish_status,
             local_dp=self._local_dp(),

@@ -34,7 +34,7 @@ from agent.privacy import LocalDp
 from agent.round_change import round_change
 from agent.secagg_stages import AgentSecAgg
 from agent.store import SampleStore
-from agent.training import TrainConfig, Trainer, make_trainer
+from agent.training import TrainConfig, Trainer, fitting_trainer, make_trainer
 from agent.transfer_task import TransferTasks
 from protocol.chunks import CHUNK_HEADER_BYTES, DEFAULT_MAX_CHUNK_BYTES, split_blob
 from protocol.errors import FedgeError, ModelError
@@ -86,6 +86,7 @@ class FederatedClient(FederatedIO):
         data_dir: Path,
         verify_key: VerifyKey,
         trainer_kind: str,
+        fallback_trainer: str | None = None,
         on_swap: SwapCallback | None = None,
         on_waiting: Callable[[], None] | None = None,
         local_dp: LocalDp | None = None,
@@ -102,6 +103,7 @@ class FederatedClient(FederatedIO):
         self._blob_dir.mkdir(parents=True, exist_ok=True)
         self._key = verify_key
         self._trainer_kind = trainer_kind
+        self._fallback_trainer = fallback_trainer
         self._on_swap = on_swap
         self._on_waiting = on_waiting
         # What this client waits for, for the agent's status: e.g. a blob's retained chunks
@@ -125,7 +127,7 @@ class FederatedClient(FederatedIO):
         self.bytes_up = 0
         self.last_report: dict[str, float | int | None] = {}
         self._trainer: Trainer | None = None
-        self._trainer_key: tuple[str, str, int] | None = None
+        self._trainer_key: tuple[str, str, int, str] | None = None
         self._transfer = TransferTasks(store=store, data_dir=data_dir, fetch=self.fetch)
         self._secagg = AgentSecAgg(
             agent_id=agent_id,
@@ -332,13 +334,16 @@ class FederatedClient(FederatedIO):
 
     def _trainer_for(self, release: ModelRelease) -> Trainer:
         """One trainer per architecture: building (and for Keras, tracing) it is the slow part."""
-        key = (release.trainable.sha256, release.model_name, release.train_batch_size)
+        kind = fitting_trainer(release, self._trainer_kind, self._fallback_trainer)
+        key = (release.trainable.sha256, release.model_name, release.train_batch_size, kind)
         if self._trainer_key != key or self._trainer is None:
+            keras_model = release.keras_model if kind == "keras" else None
             self._trainer = make_trainer(
-                self._trainer_kind,
-                trainable_tflite=self.fetch(release.trainable),
+                kind,
+                trainable_tflite=self.fetch(release.trainable) if kind == "litert" else None,
                 model_name=release.model_name,
                 batch_size=release.train_batch_size,
+                keras_model=self.fetch(keras_model) if keras_model is not None else None,
             )
             self._trainer_key = key
         return self._trainer

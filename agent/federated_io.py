@@ -227,6 +227,13 @@ class FederatedIO:
             self._on_swap(served)
             logger.info("now serving fleet model %s (%s)", release.version, how)
             return
+        if release.recipe == "keras" and release.variants:  # no trainable .tflite to serve
+            served = release_serving_model(release, self.fetch)
+            if served is not None:
+                self._serving_round = release.round
+                self._on_swap(served)
+                logger.info("now serving fleet model %s (float32 variant)", release.version)
+                return
         trainable = self.fetch(release.trainable)
         weights = decode_weights(self.fetch(release.weights))
         trainer = make_trainer(

@@ -357,6 +357,7 @@ class Coordinator:
             updates_received=progress.get("received", 0),
             selected=progress.get("selected", 0),
             detail=_detail(progress, self.state),
+            left_out=progress.get("left_out", {}),
             epsilon=spent[0] if spent else None,
             delta=spent[1] if spent else None,
             tasks=self.tasks.statuses(),

@@ -254,6 +254,7 @@ def _can_train(agent: AgentInfo) -> bool:
 def _refs(release: ModelRelease) -> list[Any]:
     refs = [release.weights, release.trainable, release.inference, release.inference_int8]
     refs.append(release.prune_mask)
+    refs.append(release.keras_model)
     refs += [variant.blob for variant in release.variants]
     return [ref for ref in refs if ref is not None]
 

@@ -38,6 +38,7 @@ from coordinator.round_plan import (
     _dumps,
 )
 from coordinator.secagg_rounds import check_secure_plan, run_secure_stages
+from coordinator.selection import trainer_mismatch
 from coordinator.state import CoordinatorState
 from protocol.errors import FedgeError
 from protocol.messages.rounds import (
@@ -77,6 +78,8 @@ class RoundRunner(RoundClosing):
             tuple[list[np.ndarray], dict[str, Any], int, PrivacySpent | None] | None
         ) = None
         self._stop_reason = "a stop was requested"
+        # Agents online that the last selection left out, and why.
+        self._left_out: dict[str, str] = {}
 
     # releases
     def current_release(self) -> ModelRelease:
@@ -243,7 +246,7 @@ class RoundRunner(RoundClosing):
         config = plan.config.model_copy(
             update={**overrides, "seed": plan.config.seed + round_number}
         )
-        selected = self._select(plan, round_number)
+        selected = self._select(plan, round_number, release)
         if config.secure_aggregation is not None:
             check_ring(len(selected), config.secure_aggregation)
         now = self.fleet.now()
@@ -267,12 +270,18 @@ class RoundRunner(RoundClosing):
         )
         self.fleet.announce(announcement)
         logger.info("round %d announced to %d agents", round_number, len(selected))
+        for agent, why in self._left_out.items():
+            logger.info("round %d: %s left out: %s", round_number, agent, why)
         return announcement
 
-    def _select(self, plan: RoundPlan, round_number: int) -> tuple[str, ...]:
+    def _select(self, plan: RoundPlan, round_number: int, release: ModelRelease) -> tuple[str, ...]:
         deadline = self.fleet.now() + plan.deadline_s
         while True:
-            able = sorted(a.agent for a in self.fleet.agents().values() if _can_train(a))
+            online = [a for a in self.fleet.agents().values() if _can_train(a)]
+            self._left_out = {
+                a.agent: why for a in online if (why := trainer_mismatch(a, release)) is not None
+            }
+            able = sorted(a.agent for a in online if a.agent not in self._left_out)
             if len(able) >= plan.min_agents:
                 break
             if self._stop_requested:
@@ -280,9 +289,10 @@ class RoundRunner(RoundClosing):
                     f"round {round_number} not started: {self._stop_reason}", reason="stopped"
                 )
             if self.fleet.now() >= deadline:
+                unfit = f" ({len(self._left_out)} more lack a fitting trainer)"
                 raise FedgeError(
                     f"round {round_number}: only {len(able)} agents online that can train, "
-                    f"{plan.min_agents} needed",
+                    f"{plan.min_agents} needed{unfit if self._left_out else ''}",
                     reason="not_enough_agents",
                 )
             self.fleet.pause(POLL_S)
@@ -362,6 +372,8 @@ class RoundRunner(RoundClosing):
             "seconds_left": max(0.0, deadline - self.fleet.now()),
             "bytes_up": bytes_up,
         }
+        if self._left_out:
+            progress["left_out"] = dict(self._left_out)
         if stage is not None:
             progress["stage"] = stage  # secure aggregation: reported before the stage opens
         self._on_progress(progress)

@@ -27,7 +27,7 @@ from coordinator.variants import serving_variants
 from protocol.chunks import DEFAULT_MAX_CHUNK_BYTES
 from protocol.errors import ConfigError
 from protocol.messages.rounds import ModelMetrics, ModelRelease, ModelVariant
-from protocol.tasks import BuiltinRecipe, TaskSpec, TransferRecipe
+from protocol.tasks import BuiltinRecipe, KerasRecipe, TaskSpec, TransferRecipe
 from protocol.updates import encode_weights
 from runtime.composition import Head, compose
 from runtime.merging import without_record
@@ -169,6 +169,16 @@ def make_producer(
             ),
             max_chunk_bytes=config.max_chunk_bytes,
             with_inference_files=config.with_inference_files,
+        )
+    if isinstance(recipe, KerasRecipe):
+        from coordinator.keras_task import KerasTaskProducer
+
+        if task.keras is None:
+            raise ConfigError(
+                f"task {spec.name}: the keras recipe needs its model", reason="bad_task"
+            )
+        return KerasTaskProducer(
+            task=spec, info=task.keras, state=state, max_chunk_bytes=config.max_chunk_bytes
         )
     if task.backbone is None:
         raise ConfigError(

@@ -13,13 +13,17 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from coordinator.reference import DIGITS_LABELS, digits_preprocess_spec
 from protocol.errors import ConfigError
 from protocol.preprocess import InputDType, PreprocessSpec
-from protocol.tasks import BUILTIN_MODELS, BuiltinRecipe, TaskSpec, TransferRecipe
+from protocol.tasks import BUILTIN_MODELS, BuiltinRecipe, KerasRecipe, TaskSpec, TransferRecipe
+
+if TYPE_CHECKING:
+    from coordinator.keras_task import KerasModelInfo
 
 __all__ = ["BackboneInfo", "LoadedTask", "builtin_task", "inspect_backbone", "load_task"]
 
@@ -45,6 +49,7 @@ class BackboneInfo:
 class LoadedTask:
     spec: TaskSpec
     backbone: BackboneInfo | None = None
+    keras: KerasModelInfo | None = None
 
 
 def builtin_task(model: str) -> LoadedTask:
@@ -94,9 +99,26 @@ def load_task(path: Path) -> LoadedTask:
             problems.append(f"recipe.backbone: {backbone_path}: {exc}")
         else:
             problems += _check_feeds(spec.preprocess, backbone)
+    keras = None
+    if isinstance(spec.recipe, KerasRecipe):
+        keras, found = _check_keras(spec, path.parent / spec.recipe.model)
+        problems += found
     if problems:
         raise ConfigError("\n".join(f"{path}: {p}" for p in problems), reason="bad_task")
-    return LoadedTask(spec, backbone)
+    return LoadedTask(spec, backbone, keras)
+
+
+def _check_keras(spec: TaskSpec, model_path: Path) -> tuple[KerasModelInfo | None, list[str]]:
+    # Loading a model loads TensorFlow: only for this recipe.
+    from coordinator.keras_task import check_keras_task, inspect_keras_model
+
+    try:
+        info = inspect_keras_model(model_path.read_bytes())
+    except OSError as exc:
+        return None, [f"recipe.model: cannot read {model_path}: {exc.strerror}"]
+    except ConfigError as exc:
+        return None, [f"recipe.model: {model_path}: {exc}"]
+    return info, check_keras_task(spec, info)
 
 
 def _check_builtin(spec: TaskSpec) -> list[str]:

@@ -140,7 +140,7 @@ def task_reference() -> str:
     """Every key of a task file, by TOML table, from :class:`protocol.tasks.TaskSpec`."""
     from pydantic import BaseModel
 
-    from protocol.tasks import BuiltinRecipe, TaskSpec, TransferRecipe
+    from protocol.tasks import BuiltinRecipe, KerasRecipe, TaskSpec, TransferRecipe
 
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
 
@@ -162,6 +162,7 @@ def task_reference() -> str:
     rows(TaskSpec, "", skip=("recipe", "preprocess", "training"))
     rows(BuiltinRecipe, "recipe.")
     rows(TransferRecipe, "recipe.", skip=())
+    rows(KerasRecipe, "recipe.")
     from protocol.preprocess import PreprocessSpec
     from protocol.tasks import TrainingDefaults
 

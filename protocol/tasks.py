@@ -8,6 +8,9 @@ that shapes fit. Recipes:
 - ``transfer``: a frozen backbone ``.tflite`` (any feature extractor, float or int8; a spatial
   output is average-pooled) and a trainable head (optional hidden Dense layers, softmax over the
   task's labels). Only the head travels in rounds.
+- ``keras``: the user's own Keras model file (``.keras``: a chain of layers ending in a softmax
+  over the task's labels). Agents without TensorFlow train it in LiteRT when every layer has a
+  builtin-only training graph; otherwise only agents with TensorFlow (Keras) train it.
 
 Example (``door.toml``)::
 
@@ -41,6 +44,7 @@ from protocol.preprocess import PreprocessSpec
 __all__ = [
     "BUILTIN_MODELS",
     "BuiltinRecipe",
+    "KerasRecipe",
     "Recipe",
     "TaskSpec",
     "TrainingDefaults",
@@ -78,7 +82,18 @@ class TransferRecipe(Message):
     head_seed: Annotated[int, Field(ge=0, description="seed of the head's initial weights")] = 0
 
 
-Recipe = Annotated[BuiltinRecipe | TransferRecipe, Field(discriminator="kind")]
+class KerasRecipe(Message):
+    """The user's own Keras model, trained whole by the fleet."""
+
+    kind: Literal["keras"] = "keras"
+    # A path, relative to the task file; read and checked by the coordinator.
+    model: Annotated[
+        ShortText,
+        Field(min_length=1, description="the model's .keras file, relative to the task file"),
+    ]
+
+
+Recipe = Annotated[BuiltinRecipe | TransferRecipe | KerasRecipe, Field(discriminator="kind")]
 
 
 class TrainingDefaults(Message):

@@ -17,7 +17,7 @@ from protocol.errors import ConfigError
 if TYPE_CHECKING:
     import keras
 
-__all__ = ["ARCHITECTURE_NAMES", "DIGITS_INPUT_SHAPE", "keras_architecture"]
+__all__ = ["ARCHITECTURE_NAMES", "DIGITS_INPUT_SHAPE", "keras_architecture", "load_keras_file"]
 
 DIGITS_INPUT_SHAPE: Final = (8, 8, 1)
 _DIGITS_CLASSES = 10
@@ -68,3 +68,14 @@ def keras_architecture(name: str, keras: Any) -> keras.Model:
             reason="unknown_model",
         )
     return builder(keras)
+
+
+def load_keras_file(content: bytes, keras: Any) -> keras.Model:
+    """A ``.keras`` file's model, in Keras's safe mode (no code from the file runs)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="fedge-keras-") as directory:
+        path = Path(directory) / "model.keras"
+        path.write_bytes(content)
+        return keras.saving.load_model(path, compile=False, safe_mode=True)

@@ -34,7 +34,7 @@ from agent.training.base import (
     TrainReport,
     _Step,
 )
-from agent.training.choice import available_trainers, make_trainer
+from agent.training.choice import available_trainers, fitting_trainer, make_trainer
 from agent.training.keras_trainer import KerasTrainer, build_keras_model
 from agent.training.litert_trainer import LiteRTTrainer
 
@@ -51,5 +51,6 @@ __all__ = [
     "_Step",
     "available_trainers",
     "build_keras_model",
+    "fitting_trainer",
     "make_trainer",
 ]

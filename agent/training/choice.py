@@ -10,10 +10,10 @@ from protocol.errors import ConfigError
 from runtime.architectures import ARCHITECTURE_NAMES, keras_architecture
 
 if TYPE_CHECKING:
-    pass
+    from protocol.messages.rounds import ModelRelease
 
 from agent.training.base import DEFAULT_BATCH_SIZE, TRAINER_KINDS, Trainer
-from agent.training.keras_trainer import KerasTrainer, build_keras_model
+from agent.training.keras_trainer import KerasTrainer, build_keras_model, load_keras_model
 from agent.training.litert_trainer import LiteRTTrainer
 
 _log = logging.getLogger(__name__)
@@ -44,16 +44,32 @@ def available_trainers() -> list[str]:
     return kinds
 
 
+def fitting_trainer(release: ModelRelease, kind: str, fallback: str | None) -> str:
+    """The trainer kind to train ``release`` with: ``kind``, else ``fallback`` if it fits."""
+    if kind in release.trainers:
+        return kind
+    if fallback is not None and fallback in release.trainers:
+        return fallback
+    why = f": {release.litert_refusal}" if release.litert_refusal else ""
+    raise ConfigError(
+        f"release {release.version} needs the {' or '.join(release.trainers)} trainer, this "
+        f"agent trains with {kind}{why}",
+        reason="no_fitting_trainer",
+    )
+
+
 def make_trainer(
     kind: str,
     *,
     trainable_tflite: bytes | None = None,
     model_name: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    keras_model: bytes | None = None,
 ) -> Trainer:
     """A trainer of ``kind`` (one of :data:`TRAINER_KINDS`).
 
-    ``"litert"`` trains ``trainable_tflite`` (batch ``batch_size``); ``"keras"`` builds the
+    ``"litert"`` trains ``trainable_tflite`` (batch ``batch_size``); ``"keras"`` loads the
+    ``.keras`` file ``keras_model`` (a task's own model) if given, else builds the
     architecture ``model_name`` (one of ``runtime.architectures.ARCHITECTURE_NAMES``) with its
     initial weights.
     """
@@ -68,6 +84,8 @@ def make_trainer(
         if trainable_tflite is None:
             raise ConfigError("the litert trainer needs a trainable .tflite", reason="bad_trainer")
         return LiteRTTrainer(trainable_tflite, batch_size=batch_size)
+    if keras_model is not None:
+        return KerasTrainer(lambda: load_keras_model(keras_model))
     if model_name is None:
         raise ConfigError("the keras trainer needs a model name", reason="bad_trainer")
     if model_name not in ARCHITECTURE_NAMES:  # an unknown name fails before TensorFlow loads

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protocol.errors import ModelError
-from runtime.architectures import ARCHITECTURE_NAMES, keras_architecture
+from runtime.architectures import ARCHITECTURE_NAMES, keras_architecture, load_keras_file
 
 if TYPE_CHECKING:
     import keras
@@ -50,8 +50,16 @@ def build_keras_model(name: str) -> keras.Model:
     return keras_architecture(name, keras)
 
 
+def load_keras_model(content: bytes) -> keras.Model:
+    """A ``.keras`` file's model, in Keras's safe mode (no code from the file runs)."""
+    _import_tf()  # before Keras loads TensorFlow, so its log level applies
+    import keras
+
+    return load_keras_file(content, keras)
+
+
 class KerasTrainer(Trainer):
-    """Trains a Keras model (softmax output, all weights trainable) with TensorFlow."""
+    """Trains a Keras model (softmax output) with TensorFlow; frozen weights stay put."""
 
     name: ClassVar[str] = "keras"
 
@@ -63,14 +71,11 @@ class KerasTrainer(Trainer):
             model = build_model()
         except (ValueError, TypeError, tf.errors.OpError) as exc:
             raise ModelError(f"cannot build the Keras model: {exc}", reason="bad_model") from exc
-        if len(model.trainable_variables) != len(model.weights):
-            raise ModelError(
-                "only models whose weights are all trainable are supported",
-                reason="unsupported_model",
-            )
         self._model = model
         self._variables = list(model.trainable_variables)
-        self._shapes = [tuple(int(d) for d in v.shape) for v in self._variables]
+        # get_weights/set_weights move every weight; SGD steps only the trainable ones.
+        self._shapes = [tuple(int(d) for d in v.shape) for v in model.weights]
+        self._trainable_at = [i for i, v in enumerate(model.weights) if v.trainable]
         self._input_shape = tuple(int(d) for d in model.input_shape[1:])
         self._num_classes = int(model.output_shape[-1])
         loss_fn = keras.losses.sparse_categorical_crossentropy
@@ -120,7 +125,7 @@ class KerasTrainer(Trainer):
         tf = self._tf
         lr = tf.constant(config.learning_rate, tf.float32)
         mu = tf.constant(config.proximal_mu, tf.float32)
-        anchor = [tf.constant(w) for w in start]
+        anchor = [tf.constant(start[i]) for i in self._trainable_at]
 
         def step(x: FloatArray, y: npt.NDArray[np.int32]) -> float:
             try:

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,17 +195,20 @@ def federation(
     block_tensorflow: bool = True,
     per_agent: Mapping[str, Mapping[str, Any]] | None = None,
     shares: Sequence[Path] | None = None,
+    tensorflow_agents: Collection[str] = (),
     **agent_extra: Any,
 ) -> Iterator[Federation]:
     """Keys, data shares, agent processes; the caller starts the coordinator.
 
     ``per_agent`` maps an agent id (``agent-00``, ...) to settings for that agent only,
     such as its own broker ``username`` and ``password``; they win over ``agent_extra``.
+    The agents named in ``tensorflow_agents`` can import TensorFlow even when it is blocked.
     """
     fed = Federation(root=root, broker=broker, topics=topics)
     fed.key_paths = write_key_pair(root / "keys")
     if shares is None:  # the reference workload's digits
         shares = write_agent_shares(root / "shares", num_agents)
+    with_tensorflow = dict(os.environ)
     env = dict(os.environ)
     if block_tensorflow:
         blocker = no_tensorflow_path(root / "no-tensorflow")
@@ -236,7 +239,13 @@ def federation(
         config_path = data_dir / "agent.toml"
         config_path.write_text(agent_toml(settings))
         fed.agents.append(
-            AgentProcess(agent_id, config_path, data_dir, env, root / f"{agent_id}.log")
+            AgentProcess(
+                agent_id,
+                config_path,
+                data_dir,
+                with_tensorflow if agent_id in tensorflow_agents else env,
+                root / f"{agent_id}.log",
+            )
         )
     try:
         for agent in fed.agents:

@@ -104,7 +104,8 @@ class ModelRelease(Message):
     version: Id
     model_name: Id
     # "transfer": ``trainable`` is the frozen backbone .tflite and ``weights`` the head's.
-    recipe: Literal["builtin", "transfer"] = "builtin"
+    # "keras": the user's own model; ``keras_model`` is its .keras file.
+    recipe: Literal["builtin", "transfer", "keras"] = "builtin"
     round: RoundNumber
     weights: BlobRef
     trainable: BlobRef
@@ -119,6 +120,12 @@ class ModelRelease(Message):
     variants: tuple[ModelVariant, ...] = ()
     # Pruned training (protocol.masks): which weights are kept; agents hold the others at zero.
     prune_mask: BlobRef | None = None
+    # The user's .keras file (architecture and initial weights), for agents training in Keras.
+    keras_model: BlobRef | None = None
+    # The trainer kinds that can train this release (agents' capabilities name theirs).
+    trainers: tuple[Literal["litert", "keras"], ...] = ("litert", "keras")
+    # Why a LiteRT-only agent cannot train it (its ``trainable`` is then not trainable).
+    litert_refusal: ShortText | None = None
 
 
 class RoundConfig(Message):
@@ -213,6 +220,8 @@ class CoordinatorStatus(Message):
     updates_received: Count = 0
     selected: Count = 0
     detail: ShortText | None = None
+    # Agents online that the round left out, and why (e.g. no trainer this model fits).
+    left_out: dict[Id, ShortText] = Field(default_factory=dict)
     # With DP-FedAvg: the (epsilon, delta) spent so far.
     epsilon: Annotated[float, Field(ge=0.0)] | None = None
     delta: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
