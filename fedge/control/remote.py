@@ -92,6 +92,8 @@ def _table(status: CoordinatorStatus | None) -> Table:
                 str(task.updates_received),
                 "; ".join(d for d in (task.detail, accuracy) if d),
             )
+        for agent, why in sorted(status.left_out.items()):  # no trainer that fits the model
+            table.add_row(f"{agent}: left out", "", "", "", "", "", why)
     return table
 
 
