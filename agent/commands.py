@@ -44,6 +44,7 @@ from protocol.messages.commands import (
 )
 from protocol.topics import Topics
 from runtime import __version__
+from runtime.command_screen import CommandScreen
 from runtime.mqtt import MqttLink
 
 __all__ = ["AgentCommands", "CommandDetail"]
@@ -74,6 +75,7 @@ class AgentCommands:
         _recent_lock: threading.Lock
         _trainers: list[str]
         _stopping: threading.Event
+        _screen: CommandScreen
 
         def _emit_error(
             self,
@@ -87,9 +89,21 @@ class AgentCommands:
 
         def _store_sample(self, image: bytes, label: str, source: str) -> str | None: ...
 
+    def _command_screen(self) -> CommandScreen:
+        """Operator signatures on commands, where the configuration asks for them."""
+        topic = self.topics.agent_commands(self.config.agent_id)
+        return CommandScreen(
+            self.config,
+            refuse=lambda reason, text: self._emit_error(reason, text, topic),
+            answer=lambda ack: self._publish(self.topics.agent_events(self.config.agent_id), ack),
+        )
+
     def _handle_command(self, topic: str, payload: bytes) -> None:
+        admitted = self._screen.admit(topic, payload)
+        if admitted is None:
+            return
         try:
-            command = decode_message(payload, COMMAND_TYPES, max_bytes=MAX_COMMAND_BYTES)
+            command = decode_message(admitted, COMMAND_TYPES, max_bytes=MAX_COMMAND_BYTES)
         except MessageError as exc:
             self._emit_error(exc.reason, f"command refused: {exc}", topic)
             return

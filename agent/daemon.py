@@ -103,6 +103,7 @@ class Agent(AgentCommands):
             will=Will(self.topics.agent_status(config.agent_id), encode_message(offline)),
         )
         self._command_topic = self.topics.agent_commands(config.agent_id)
+        self._screen = self._command_screen()
         self._frame_filters = config.effective_frame_topics
         self.federated = self._federated_client()
         # Tasks a multi-task coordinator runs at once, each on its own topics.

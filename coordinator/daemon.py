@@ -33,6 +33,7 @@ from protocol.messages.commands import Ping, RequestStatus, StartRounds, StopRou
 from protocol.messages.rounds import CoordinatorState as Phase
 from protocol.messages.rounds import CoordinatorStatus
 from protocol.signing import SigningKey, load_signing_key, write_key_pair
+from runtime.command_screen import CommandScreen
 from runtime.metrics import MetricsServer, new_registry
 from runtime.mqtt import MqttLink, Will
 
@@ -51,6 +52,11 @@ class Coordinator:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.state = CoordinatorState(config.data_dir / "coordinator.sqlite")
         self.signing_key = _signing_key(config)
+        self._screen = CommandScreen(
+            config,
+            refuse=lambda reason, text: self.fleet.report_error(reason, text),  # noqa: PLW0108 - made below
+            answer=lambda ack: self.link.publish(self.topics.coordinator_events(), ack),
+        )
         address = config.broker_address()
         offline = CoordinatorStatus(state=Phase.OFFLINE, timestamp=0.0)
         self.link = MqttLink(
@@ -211,8 +217,11 @@ class Coordinator:
         self._publish_status(self._phase())
 
     def _on_command(self, topic: str, payload: bytes) -> None:
+        admitted = self._screen.admit(topic, payload)
+        if admitted is None:
+            return
         try:
-            command = decode_message(payload, COMMAND_TYPES, max_bytes=MAX_COMMAND_BYTES)
+            command = decode_message(admitted, COMMAND_TYPES, max_bytes=MAX_COMMAND_BYTES)
         except MessageError as exc:
             self.fleet.report_error(exc.reason, f"command on {topic} refused: {exc}")
             return

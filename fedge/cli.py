@@ -92,7 +92,7 @@ def protocol_schema(kind: str | None) -> None:
 
 @cli.group()
 def keys() -> None:
-    """Manage the coordinator's Ed25519 signing keys."""
+    """Manage Ed25519 keys: the coordinator's signing key, operators' command keys."""
 
 
 @keys.command("generate")
@@ -107,13 +107,16 @@ def keys() -> None:
 @click.option("--name", default="fedge", show_default=True, help="Base name of the key files.")
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
 def keys_generate(out_dir: Path, name: str, *, force: bool) -> None:
-    """Generate a signing key pair for the coordinator.
+    """Generate a signing key pair, for the coordinator or for an operator.
 
-    The private key stays with the coordinator; copy the .pub file to every agent.
+    The coordinator's private key stays with it; copy its .pub file to every agent. An
+    operator keeps operator.key (for --operator-key) and lists operator.pub in the
+    operator_keys setting of agents and coordinator, which then refuse unsigned commands.
 
     \b
     Examples:
       fedge keys generate --out /etc/fedge/keys
+      fedge keys generate --name operator --out ~/.config/fedge
     """
     from protocol.signing import load_verify_key, write_key_pair
 

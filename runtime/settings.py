@@ -14,6 +14,7 @@ from pydantic_settings import (
 )
 
 from protocol.errors import ConfigError, TopicError
+from protocol.operator import DEFAULT_COMMAND_WINDOW_S
 from protocol.topics import DEFAULT_FLEET, DEFAULT_ROOT, Topics, validate_id
 
 if TYPE_CHECKING:
@@ -37,6 +38,12 @@ class FedgeSettings(BaseSettings):
     topic_root: str = DEFAULT_ROOT
     # observability: Prometheus text on http://<host>:<metrics_port>/metrics when set
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    # Operator-signed commands (protocol.operator), off when empty: with public keys here,
+    # every command must carry a fresh signature by one of them, else it is refused.
+    operator_keys: tuple[Path, ...] = ()
+    operator_command_window_s: Annotated[float, Field(gt=0.0, le=86_400.0)] = (
+        DEFAULT_COMMAND_WINDOW_S
+    )
 
     @field_validator("fleet")
     @classmethod

@@ -1,4 +1,4 @@
-"""``fedge agent``: run an edge agent, check its config, import labelled samples."""
+"""``fedge agent``: run an edge agent, check its config, import samples, send it commands."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from fedge.commands.common import CONFIG_OPTION, console
+from fedge.commands.common import (
+    CONFIG_OPTION,
+    broker_options,
+    console,
+)
+from fedge.control.signing import OPERATOR_KEY_OPTION, operator_signing_key
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig as AgentConfigType
@@ -135,3 +140,66 @@ def agent_import(config_path: Path | None, folder: Path) -> None:
         f"skipped {report.skipped} non-image files"
     )
     console.print("store now holds: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+
+
+@agent.command("send")
+@broker_options
+@OPERATOR_KEY_OPTION
+@click.argument("agent_id")
+@click.argument("command_json")
+def agent_send(
+    broker_url: str,
+    *,
+    username: str | None,
+    password: str | None,
+    ca_file: Path | None,
+    fleet: str,
+    topic_root: str,
+    operator_key: Path | None,
+    agent_id: str,
+    command_json: str,
+) -> None:
+    """Send one command (JSON) to a running agent and print its answer.
+
+    A command_id is added when the JSON has none. Kinds: ping, status, load_model,
+    set_options, label (see README, "Commands").
+
+    \b
+    Examples:
+      fedge agent send pi-1 '{"kind": "ping"}'
+      fedge agent send pi-1 '{"kind": "set_options", "top_k": 1}' --operator-key operator.key
+    """
+    import json
+    import uuid
+
+    from fedge.control.remote import send_command
+    from protocol.errors import FedgeError
+    from protocol.messages.codec import decode_message
+    from protocol.messages.commands import LabelFrame, LoadModel, Ping, RequestStatus, SetOptions
+    from protocol.topics import Topics
+    from runtime.mqtt import parse_broker_url
+
+    try:
+        fields = json.loads(command_json)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="COMMAND_JSON") from exc
+    if not isinstance(fields, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="COMMAND_JSON")
+    fields.setdefault("command_id", f"cli-{uuid.uuid4().hex[:12]}")
+    kinds = (Ping, RequestStatus, LoadModel, SetOptions, LabelFrame)
+    try:
+        command = decode_message(json.dumps(fields), kinds)
+    except FedgeError as exc:
+        raise click.BadParameter(str(exc), param_hint="COMMAND_JSON") from exc
+    topics = Topics(root=topic_root, fleet=fleet)
+    with console.status(f"waiting for {agent_id}'s answer..."):
+        ack = send_command(
+            parse_broker_url(broker_url, username=username, password=password, ca_file=ca_file),
+            command_topic=topics.agent_commands(agent_id),
+            events_topic=topics.agent_events(agent_id),
+            command=command,
+            operator_key=operator_signing_key(operator_key),
+        )
+    if not ack.ok:
+        raise click.ClickException(f"{agent_id} refused: {ack.message} ({ack.reason})")
+    click.echo(json.dumps({"ok": True, **ack.detail}, sort_keys=True))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from fedge.commands.common import console
+from fedge.commands.common import broker_options, console
 from fedge.commands.search_options import search_options
+from fedge.control.signing import OPERATOR_KEY_OPTION, operator_signing_key
 
 if TYPE_CHECKING:
     pass
@@ -20,44 +20,13 @@ __all__ = ["round_group"]
 # --- rounds -------------------------------------------------------------------------------
 
 
-_BROKER_OPTIONS = [
-    click.option(
-        "--broker",
-        "broker_url",
-        default="mqtt://127.0.0.1:1883",
-        show_default=True,
-        envvar="FEDGE_BROKER_URL",
-        help="Broker URL.",
-    ),
-    click.option("--username", default=None, envvar="FEDGE_USERNAME"),
-    click.option("--password", default=None, envvar="FEDGE_PASSWORD"),
-    click.option(
-        "--ca-file",
-        type=click.Path(dir_okay=False, exists=True, path_type=Path),
-        default=None,
-        envvar="FEDGE_CA_FILE",
-        help="CA certificate for mqtts://.",
-    ),
-    click.option("--fleet", default="default", show_default=True, envvar="FEDGE_FLEET"),
-    click.option(
-        "--root", "topic_root", default="fedge", show_default=True, envvar="FEDGE_TOPIC_ROOT"
-    ),
-]
-
-
-def _broker_options(function: Callable[..., None]) -> Callable[..., None]:
-    for option in reversed(_BROKER_OPTIONS):
-        function = option(function)
-    return function
-
-
 @click.group("round")
 def round_group() -> None:
     """Start federated rounds and watch them."""
 
 
 @round_group.command("start")
-@_broker_options
+@broker_options
 @click.option("--rounds", default=1, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--min-agents", default=1, show_default=True, type=click.IntRange(1))
 @click.option(
@@ -178,6 +147,7 @@ def round_group() -> None:
     show_default=True,
     help="DP-FedAvg: the delta epsilon is reported and budgeted at.",
 )
+@OPERATOR_KEY_OPTION
 def round_start(
     broker_url: str,
     *,
@@ -186,6 +156,7 @@ def round_start(
     ca_file: Path | None,
     fleet: str,
     topic_root: str,
+    operator_key: Path | None,
     **settings: object,
 ) -> None:
     """Ask the running coordinator to run federated rounds, and wait for its answer.
@@ -200,6 +171,7 @@ def round_start(
           --search epochs=1,2 --rung-rounds 3
       fedge round start --rounds 30 --dp-noise-multiplier 1.0 --dp-clip-norm 0.5 \\
           --dp-target-epsilon 8
+      fedge round start --rounds 5 --operator-key keys/operator.key
     """
     from fedge.control.remote import send_command
     from protocol.messages.commands import StartRounds
@@ -239,6 +211,7 @@ def round_start(
             command_topic=topics.coordinator_commands(),
             events_topic=topics.coordinator_events(),
             command=command,
+            operator_key=operator_signing_key(operator_key),
         )
     if not ack.ok:
         raise click.ClickException(f"coordinator refused: {ack.message} ({ack.reason})")
@@ -257,9 +230,10 @@ def round_start(
 
 
 @round_group.command("stop")
-@_broker_options
+@broker_options
 @click.option("--reason", default="requested", show_default=True, help="Recorded with the round.")
 @click.option("--task", default=None, help="Stop only this task's rounds.")
+@OPERATOR_KEY_OPTION
 def round_stop(
     broker_url: str,
     *,
@@ -270,6 +244,7 @@ def round_stop(
     topic_root: str,
     reason: str,
     task: str | None,
+    operator_key: Path | None,
 ) -> None:
     """Ask the coordinator to close the running round now and run no further ones.
 
@@ -279,6 +254,7 @@ def round_stop(
     \b
     Examples:
       fedge round stop --reason "camera maintenance"
+      fedge round stop --operator-key keys/operator.key
     """
     import getpass
     import socket
@@ -301,6 +277,7 @@ def round_stop(
             command_topic=topics.coordinator_commands(),
             events_topic=topics.coordinator_events(),
             command=command,
+            operator_key=operator_signing_key(operator_key),
         )
     if not ack.ok:
         raise click.ClickException(f"coordinator refused: {ack.message} ({ack.reason})")
@@ -309,7 +286,7 @@ def round_stop(
 
 
 @round_group.command("status")
-@_broker_options
+@broker_options
 @click.option("--watch", is_flag=True, help="Keep showing the live state until Ctrl-C.")
 def round_status(
     broker_url: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -16,6 +17,8 @@ from protocol.messages.agent import CommandAck
 from protocol.messages.base import Message
 from protocol.messages.codec import decode_message, encode_message
 from protocol.messages.rounds import CoordinatorStatus
+from protocol.operator import sign_command
+from protocol.signing import SigningKey
 from protocol.topics import Topics
 from runtime.mqtt import BrokerAddress, MqttLink
 
@@ -32,9 +35,18 @@ def _link(broker: BrokerAddress, on_message: Callable[[str, bytes], None]) -> Mq
 
 
 def send_command(
-    broker: BrokerAddress, *, command_topic: str, events_topic: str, command: Message
+    broker: BrokerAddress,
+    *,
+    command_topic: str,
+    events_topic: str,
+    command: Message,
+    operator_key: SigningKey | None = None,
 ) -> CommandAck:
-    """Publish ``command`` and return the coordinator's acknowledgement."""
+    """Publish ``command`` and return its acknowledgement (from the coordinator or an agent).
+
+    With ``operator_key`` the command goes out signed for ``command_topic``, with the
+    time and a fresh nonce (protocol.operator), as fleets that require it expect.
+    """
     answer: list[CommandAck] = []
     arrived = threading.Event()
     command_id = command.command_id  # type: ignore[attr-defined]
@@ -53,11 +65,14 @@ def send_command(
     link.start()
     try:
         link.wait_connected(CONNECT_TIMEOUT_S)
-        link.publish(command_topic, encode_message(command), qos=1)
+        payload = encode_message(command)
+        if operator_key is not None:
+            payload = sign_command(operator_key, command, topic=command_topic, now=time.time())
+        link.publish(command_topic, payload, qos=1)
         if not arrived.wait(ACK_TIMEOUT_S):
             raise TransportError(
-                f"no answer from the coordinator within {ACK_TIMEOUT_S:g} s: is "
-                "`fedge coordinator run` running on this broker and fleet?",
+                f"no answer within {ACK_TIMEOUT_S:g} s: is the coordinator (or agent) "
+                "running on this broker and fleet?",
                 reason="no_answer",
             )
     finally:

@@ -34,6 +34,7 @@ from fedge.dashboard.state import FleetView
 from protocol.errors import FedgeError
 from protocol.messages.base import Message
 from protocol.messages.commands import StartRounds, StopRounds
+from protocol.signing import SigningKey
 from runtime.mqtt import BrokerAddress
 
 __all__ = ["Actions", "build_app"]
@@ -53,6 +54,7 @@ class Actions:
     broker: BrokerAddress
     token: str | None = None
     read_only: bool = False
+    operator_key: SigningKey | None = None  # signs its commands where operators must sign
 
 
 def build_app(view: FleetView, actions: Actions) -> Starlette:
@@ -143,6 +145,7 @@ async def _act(request: Request, actions: Actions, view: FleetView, *, start: bo
             command_topic=topics.coordinator_commands(),
             events_topic=topics.coordinator_events(),
             command=command,
+            operator_key=actions.operator_key,
         )
     except FedgeError as exc:
         return _error(504, exc.reason, str(exc))

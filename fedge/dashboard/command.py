@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from fedge.control.signing import OPERATOR_KEY_OPTION, operator_signing_key
 from protocol.errors import ConfigError
 
 __all__ = ["dashboard_command"]
@@ -47,6 +48,7 @@ console = Console(stderr=True)
     default=None,
     help="The coordinator's fedge.pub: show only rounds and releases it signed.",
 )
+@OPERATOR_KEY_OPTION
 def dashboard_command(
     *,
     config_path: Path | None,
@@ -58,6 +60,7 @@ def dashboard_command(
     token: str | None,
     read_only: bool,
     coordinator_key: Path | None,
+    operator_key: Path | None,
 ) -> None:
     """Serve a live web page of the fleet: agents, the current round, plots, cameras.
 
@@ -100,7 +103,12 @@ def dashboard_command(
     link.start()
     try:
         link.wait_connected(CONNECT_TIMEOUT_S)
-        actions = Actions(broker=address, token=token, read_only=read_only)
+        actions = Actions(
+            broker=address,
+            token=token,
+            read_only=read_only,
+            operator_key=operator_signing_key(operator_key),
+        )
         shown = f"[{host}]" if ":" in host else host
         console.print(
             f"dashboard on http://{shown}:{port} for fleet {settings.fleet} on "

@@ -19,6 +19,7 @@ from protocol.messages.base import Message
 from protocol.messages.commands import (
     LabelFrame,
     LoadModel,
+    OperatorCommand,
     Ping,
     RequestStatus,
     SetOptions,
@@ -69,6 +70,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     LabelFrame,
     StartRounds,
     StopRounds,
+    OperatorCommand,
     RoundConfig,
     RoundAnnouncement,
     ModelRelease,
@@ -99,6 +101,7 @@ AnyMessage = Annotated[
     | LabelFrame
     | StartRounds
     | StopRounds
+    | OperatorCommand
     | RoundConfig
     | RoundAnnouncement
     | ModelRelease

@@ -13,6 +13,7 @@ __all__ = [
     "CoordinatorCommand",
     "LabelFrame",
     "LoadModel",
+    "OperatorCommand",
     "Ping",
     "RequestStatus",
     "SetOptions",
@@ -21,6 +22,7 @@ __all__ = [
 ]
 
 CommandId = Annotated[str, Field(min_length=1, max_length=128)]
+MAX_COMMAND_TEXT_CHARS = 64 * 1024
 
 
 class Ping(Message):
@@ -101,6 +103,19 @@ class StopRounds(Message):
     # signature, where the fleet requires one, is the proof.
     requested_by: ShortText | None = None
     task: Id | None = None  # one of several tasks; none: the fleet's own rounds
+
+
+class OperatorCommand(Message):
+    """What an operator signs: a command's JSON text, for one topic, at one moment.
+
+    It travels inside a SignedMessage; see protocol.operator.
+    """
+
+    kind: Literal["operator_command"] = "operator_command"
+    command: Annotated[str, Field(max_length=MAX_COMMAND_TEXT_CHARS)]
+    topic: ShortText
+    issued_at: Annotated[float, Field(ge=0.0)]
+    nonce: Annotated[str, Field(pattern=r"^[0-9a-f]{16,64}$")]
 
 
 CoordinatorCommand = Annotated[

@@ -17,8 +17,8 @@ import pytest
 
 from coordinator.config import load_coordinator_config
 from coordinator.daemon import Coordinator
-from protocol.messages.agent import AgentState, AgentStatus, Capabilities, CommandAck, ErrorEvent
-from protocol.messages.codec import decode_message, encode_message
+from protocol.messages.agent import AgentState, AgentStatus, Capabilities, ErrorEvent
+from protocol.messages.codec import encode_message
 from protocol.messages.rounds import UpdateComplete, UpdateEncoding
 from protocol.signing import write_key_pair
 from protocol.topics import Topics
@@ -31,6 +31,7 @@ from tests.brokers import (
     publish,
     subscribe,
 )
+from tests.system.answers import ack_for, decoded
 
 pytestmark = [pytest.mark.broker, pytest.mark.system]
 
@@ -78,39 +79,17 @@ def stranger(mosquitto: MosquittoProcess, module_topics: Topics) -> Iterator[Str
         disconnect(client)
 
 
-def _decoded(messages: list[Received]) -> list[object]:
-    decoded: list[object] = []
-    for message in messages:
-        try:
-            decoded.append(decode_message(message.payload))
-        except Exception:  # the test only looks for fedge messages
-            continue
-    return decoded
-
-
-def _ack_for(collector: MessageCollector, command_id: str) -> CommandAck:
-    def answered(messages: list[Received]) -> bool:
-        return any(
-            isinstance(m, CommandAck) and m.command_id == command_id for m in _decoded(messages)
-        )
-
-    messages = collector.wait_for(answered, ANSWER_TIMEOUT_S)
-    return next(
-        m for m in _decoded(messages) if isinstance(m, CommandAck) and m.command_id == command_id
-    )
-
-
 def _error_naming(collector: MessageCollector, reason: str, needle: str) -> ErrorEvent:
     def seen(messages: list[Received]) -> bool:
         return any(
             isinstance(m, ErrorEvent) and m.reason == reason and needle in m.message
-            for m in _decoded(messages)
+            for m in decoded(messages)
         )
 
     messages = collector.wait_for(seen, ANSWER_TIMEOUT_S)
     return next(
         m
-        for m in _decoded(messages)
+        for m in decoded(messages)
         if isinstance(m, ErrorEvent) and m.reason == reason and needle in m.message
     )
 
@@ -157,7 +136,7 @@ def test_start_rounds_with_options_that_do_not_fit_is_answered(
     if "mu" in options:
         command["strategy"] = "fedprox"
     publish(client, module_topics.coordinator_commands(), json.dumps(command).encode())
-    ack = _ack_for(collector, command_id)
+    ack = ack_for(collector, command_id)
     assert not ack.ok
     assert ack.reason in {"bad_options", "bad_option"}, ack
     assert not coordinator.busy
@@ -206,7 +185,7 @@ def test_a_status_claiming_another_agent_is_refused(
     ping_id = f"ping-{uuid.uuid4().hex[:6]}"
     ping = {"kind": "ping", "command_id": ping_id}
     publish(client, module_topics.coordinator_commands(), json.dumps(ping).encode())
-    _ack_for(collector, ping_id)
+    ack_for(collector, ping_id)
     known = coordinator.fleet.agents()
     assert honest in known
     assert phantom not in known
@@ -242,7 +221,7 @@ def test_a_round_ended_by_stop_rounds_says_so_and_who_asked(
     start_id, stop_id = f"start-{uuid.uuid4().hex[:6]}", f"stop-{uuid.uuid4().hex[:6]}"
     start = {"kind": "start_rounds", "command_id": start_id, "rounds": 3, "deadline_s": 600}
     publish(client, module_topics.coordinator_commands(), json.dumps(start).encode())
-    assert _ack_for(collector, start_id).ok
+    assert ack_for(collector, start_id).ok
     # The round is open once its announcement is retained; the silent agent never answers.
     announced = MessageCollector()
     watcher = mqtt_client(mosquitto, collector=announced)
@@ -258,7 +237,7 @@ def test_a_round_ended_by_stop_rounds_says_so_and_who_asked(
         "requested_by": "ops@hub",
     }
     publish(client, module_topics.coordinator_commands(), json.dumps(stop).encode())
-    assert _ack_for(collector, stop_id).detail["stopping"] is True
+    assert ack_for(collector, stop_id).detail["stopping"] is True
     worker = coordinator._worker  # the rounds thread ends with the plan
     assert worker is not None
     worker.join(ANSWER_TIMEOUT_S)
