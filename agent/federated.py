@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -25,11 +24,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from agent.federated_io import (
-    FederatedIO,
-    SwapCallback,
-    TrainableServingModel,
-)
+from agent.federated_io import FederatedIO, SwapCallback, TrainableServingModel
 from agent.privacy import LocalDp
 from agent.round_change import round_change
 from agent.secagg_stages import AgentSecAgg
@@ -46,6 +41,7 @@ from protocol.messages.rounds import (
     RoundAnnouncement,
     UpdateComplete,
     UpdateEncoding,
+    UpdateTimings,
 )
 from protocol.messages.variants import ActivationRanges
 from protocol.signing import SignedMessage, VerifyKey
@@ -60,8 +56,6 @@ __all__ = ["FederatedClient", "TrainableServingModel"]
 
 logger = logging.getLogger(__name__)
 
-ROUNDS_REMEMBERED = 64
-
 M = TypeVar("M", bound=Message)
 Publish = Callable[[str, bytes], None]
 ErrorReporter = Callable[[str, str], None]
@@ -71,6 +65,7 @@ ErrorReporter = Callable[[str, str], None]
 class _Job:
     announcement: RoundAnnouncement | None = None
     release: ModelRelease | None = None
+    received_at: float = 0.0
 
 
 class FederatedClient(FederatedIO):
@@ -121,6 +116,8 @@ class FederatedClient(FederatedIO):
         self._updates_dir = data_dir / "updates"
         self._done = self._load_done()
         self._serving_round = -1
+        self._dataset_cache = None
+        self._serving_models = None
         self._manifest_filter = topics.all_model_manifests()
         self._blob_filter = topics.all_blob_chunks()
         self.bytes_down = 0
@@ -182,7 +179,7 @@ class FederatedClient(FederatedIO):
         if parsed.kind is TopicKind.ROUND_CURRENT:
             announcement = self._verified(topic, payload, RoundAnnouncement)
             if announcement is not None:
-                self._jobs.put(_Job(announcement=announcement))
+                self._jobs.put(_Job(announcement=announcement, received_at=time.time()))
         elif parsed.kind is TopicKind.MODEL_MANIFEST:
             release = self._verified(topic, payload, ModelRelease)
             if release is not None:
@@ -199,40 +196,46 @@ class FederatedClient(FederatedIO):
     # the worker
     def _work(self) -> None:
         while not self._stopping.is_set():
-            job = self._jobs.get()
-            if self._stopping.is_set():
-                return
-            try:
-                if job.announcement is not None:
-                    self._on_announcement(job.announcement)
-                elif job.release is not None:
-                    self._maybe_swap(job.release)
-            except FedgeError as exc:
-                self._report_error(exc.reason, f"federated round step failed: {exc}")
-            except Exception as exc:
-                logger.exception("federated step failed")
-                self._report_error("internal", f"federated round step failed: {exc}")
+            for job in self._newest_jobs():
+                self._run_job(job)
 
-    def _on_announcement(self, announcement: RoundAnnouncement) -> None:
+    def _newest_jobs(self) -> list[_Job]:
+        """The next job and those queued behind it, less the superseded: only the newest
+        release and announcement count (a restarted or slow agent finds several queued, and
+        an old round's blobs may no longer be retained)."""
+        jobs = [self._jobs.get()]
+        while not self._jobs.empty():
+            jobs.append(self._jobs.get_nowait())
+        if self._stopping.is_set():
+            return []
+        releases = [j for j in jobs if j.release is not None]
+        newest = sorted(releases, key=lambda j: j.release.round if j.release else -1)[-1:]
+        return newest + [j for j in jobs if j.announcement is not None][-1:]
+
+    def _run_job(self, job: _Job) -> None:
+        try:
+            if job.announcement is not None:
+                self._on_announcement(job.announcement, job.received_at)
+            elif job.release is not None:
+                self._maybe_swap(job.release)
+        except FedgeError as exc:
+            self._report_error(exc.reason, f"federated round step failed: {exc}")
+        except Exception as exc:
+            logger.exception("federated step failed")
+            self._report_error("internal", f"federated round step failed: {exc}")
+
+    def _on_announcement(self, announcement: RoundAnnouncement, received_at: float = 0.0) -> None:
+        taken_at = time.time()
         self._maybe_swap(announcement.release)
         number = announcement.round
         if self.agent_id not in announcement.selected:
             return
         if number in self._done:
-            # The same round announced again: a restarted coordinator may have lost what it
-            # had received but not yet stored. Sending the kept update again is harmless:
-            # the coordinator stores one update per round and agent.
-            # Until the latest the round can run: its deadline plus the one extension.
-            extended = announcement.deadline_at + (
-                announcement.deadline_at - announcement.issued_at
-            )
-            if time.time() <= extended:
-                self._resend(number)
+            self._announced_again(announcement)
             return
         if time.time() > announcement.deadline_at:
             logger.info("round %d: deadline already passed, not training", number)
             return
-        started = time.perf_counter()
         release = announcement.release
         secure = announcement.config.secure_aggregation
         if secure is not None:
@@ -256,6 +259,7 @@ class FederatedClient(FederatedIO):
                 f"(the round needs {config.min_samples}){held}",
                 reason="no_samples" if len(x) == 0 else "too_few_samples",
             )
+        ready_at = time.time()
         report = trainer.train(
             x,
             y,
@@ -268,6 +272,7 @@ class FederatedClient(FederatedIO):
                 validation_fraction=config.validation_fraction,
             ),
         )
+        trained_at = time.time()
         deltas, clipped = round_change(
             trainer.get_weights(),
             weights,
@@ -304,6 +309,13 @@ class FederatedClient(FederatedIO):
             # Under secure aggregation whether the update was clipped is a bit about it alone.
             clipped=None if secure is not None else clipped,
             activation_ranges=self._ranges(release, x),
+            timings=UpdateTimings(
+                received_at=received_at or taken_at,
+                started_at=taken_at,
+                ready_at=ready_at,
+                trained_at=trained_at,
+                sent_at=time.time(),
+            ),
         )
         self._keep_update(number, blob, complete)
         self._send_update(number, chunks, complete)
@@ -312,7 +324,7 @@ class FederatedClient(FederatedIO):
             "round": number,
             "examples": report.num_examples,
             "loss": report.loss,
-            "seconds": time.perf_counter() - started,
+            "seconds": time.time() - taken_at,
             "other_labels": sum(others.values()),
         }
         logger.info(
@@ -321,6 +333,13 @@ class FederatedClient(FederatedIO):
             report.num_examples,
             len(blob),
         )
+
+    def _announced_again(self, announcement: RoundAnnouncement) -> None:
+        """A restarted coordinator may have lost what it received but had not stored: send the
+        kept update again (stored once per round and agent) until the deadline's extension."""
+        extended = announcement.deadline_at + (announcement.deadline_at - announcement.issued_at)
+        if time.time() <= extended:
+            self._resend(announcement.round)
 
     def _ranges(self, release: ModelRelease, x: np.ndarray) -> ActivationRanges | None:
         """The float serving model's activation ranges on our samples, for int8 calibration."""
@@ -383,18 +402,3 @@ class FederatedClient(FederatedIO):
         _, chunks = split_blob(blob, max_chunk_bytes=complete.chunk_bytes + CHUNK_HEADER_BYTES)
         self._send_update(number, chunks, complete)
         logger.info("round %d announced again: update sent again", number)
-
-    # data
-    def _load_done(self) -> set[int]:
-        try:
-            return set(json.loads(self._state_path.read_text()).get("rounds_done", []))
-        except (OSError, ValueError):
-            return set()
-
-    def _mark_done(self, number: int) -> None:
-        self._done.add(number)
-        kept = sorted(self._done)[-ROUNDS_REMEMBERED:]
-        self._done = set(kept)
-        temporary = self._state_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"rounds_done": kept}))
-        temporary.replace(self._state_path)

@@ -7,12 +7,13 @@ swapping the agent's serving model to a new release.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,6 +50,10 @@ FETCH_STALL_S = 10.0  # no new chunk for this long: say so in the status (the ow
 SwapCallback = Callable[[ServingModel], None]
 
 logger = logging.getLogger("agent.federated")
+ROUNDS_REMEMBERED = 64
+# Prepared samples kept between rounds up to this size (digits: kilobytes; a camera-sized
+# model's store may not fit, and is prepared again each round).
+MAX_CACHED_DATASET_BYTES = 64 * 2**20
 
 
 class TrainableServingModel:
@@ -63,6 +68,11 @@ class TrainableServingModel:
         shape = trainer.input_shape
         self.input_details = TensorInfo("x", (1, *shape), "float32", 0.0, 0)
         self.output_details = (TensorInfo("output", (1, trainer.num_classes), "float32", 0.0, 0),)
+
+    def load(self, weights: list[np.ndarray]) -> None:
+        """New weights; a frame still running on this model finishes first (the lock)."""
+        with self._lock:
+            self._trainer.set_weights(weights)
 
     def predict(self, batch: np.ndarray) -> list[np.ndarray]:
         x = np.asarray(batch, np.float32)
@@ -89,6 +99,11 @@ class FederatedIO:
         _on_waiting: Callable[[], None] | None
         _transfer: TransferTasks
         _serving_round: int
+        _state_path: Path
+        _done: set[int]
+        # The last prepared (unaugmented) dataset and its key; the serving models by turn.
+        _dataset_cache: tuple[object, tuple[np.ndarray, np.ndarray, list[str]]] | None
+        _serving_models: tuple[object, list[TrainableServingModel]] | None
 
     def dataset(
         self, release: ModelRelease, *, augment_seed: int | None = None
@@ -124,9 +139,28 @@ class FederatedIO:
     def _inputs(
         self, release: ModelRelease, augmenter: Augmenter | None
     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Prepared once per store content and release format: decoding every sample again
+        each round was the largest part of an agent's round (unaugmented only)."""
+        samples = sorted(self._store.samples(), key=lambda s: s.sample_id)
+        key = (
+            tuple(s.sample_id for s in samples),
+            tuple(release.labels),
+            release.preprocess.model_dump_json(),
+        )
+        cached = self._dataset_cache
+        if augmenter is None and cached is not None and cached[0] == key:
+            return cached[1]
+        prepared = self._prepare(release, samples, augmenter)
+        if augmenter is None and prepared[0].nbytes <= MAX_CACHED_DATASET_BYTES:
+            self._dataset_cache = (key, prepared)
+        return prepared
+
+    def _prepare(
+        self, release: ModelRelease, samples: list[Any], augmenter: Augmenter | None
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         index = {label: i for i, label in enumerate(release.labels)}
         inputs, targets, ids = [], [], []
-        for sample in sorted(self._store.samples(), key=lambda s: s.sample_id):
+        for sample in samples:
             if sample.label not in index:
                 continue
             image = sample_input(self._store, sample, release.preprocess, augmenter)
@@ -234,18 +268,8 @@ class FederatedIO:
                 self._on_swap(served)
                 logger.info("now serving fleet model %s (float32 variant)", release.version)
                 return
-        trainable = self.fetch(release.trainable)
-        weights = decode_weights(self.fetch(release.weights))
-        trainer = make_trainer(
-            "litert",
-            trainable_tflite=trainable,
-            model_name=release.model_name,
-            batch_size=release.train_batch_size,
-        )
-        trainer.set_weights(weights)
-        from agent.runtime import load_interpreter_class
-
-        model = TrainableServingModel(trainer, load_interpreter_class())
+        model = self._idle_serving_model(release)
+        model.load(decode_weights(self.fetch(release.weights)))
         expected = (
             release.preprocess.height,
             release.preprocess.width,
@@ -266,4 +290,41 @@ class FederatedIO:
         self._on_swap(serving)
         logger.info("now serving fleet model %s", release.version)
 
+    def _idle_serving_model(self, release: ModelRelease) -> TrainableServingModel:
+        """A serving model of the release's architecture that is not the one serving now.
+
+        Two are kept and used in turn, so a swap loads weights into the idle one instead
+        of building an interpreter every round.
+        """
+        key = (release.trainable.sha256, release.model_name, release.train_batch_size)
+        if self._serving_models is None or self._serving_models[0] != key:
+            self._serving_models = (key, [])
+        models = self._serving_models[1]
+        if len(models) < 2:
+            from agent.runtime import load_interpreter_class
+
+            trainer = make_trainer(
+                "litert",
+                trainable_tflite=self.fetch(release.trainable),
+                model_name=release.model_name,
+                batch_size=release.train_batch_size,
+            )
+            models.append(TrainableServingModel(trainer, load_interpreter_class()))
+            return models[-1]
+        models.reverse()  # the one that served before the current one
+        return models[-1]
+
     # round bookkeeping
+    def _load_done(self) -> set[int]:
+        try:
+            return set(json.loads(self._state_path.read_text()).get("rounds_done", []))
+        except (OSError, ValueError):
+            return set()
+
+    def _mark_done(self, number: int) -> None:
+        self._done.add(number)
+        kept = sorted(self._done)[-ROUNDS_REMEMBERED:]
+        self._done = set(kept)
+        temporary = self._state_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"rounds_done": kept}))
+        temporary.replace(self._state_path)

@@ -15,7 +15,10 @@ Per round: the global model's accuracy on the test part, the round's wall time, 
 agent (update chunks as received) and bytes down per agent (the weights blob of the release
 the round trains from plus one chunk header per chunk; round 1 also carries the one-time
 download of the trainable model). Prints per-round tables, a summary next to Flower's
-numbers with ratios, and PASS/FAIL lines for REFERENCE.md's targets; writes everything as
+numbers with ratios, each configuration's round split into its phases (announce, fetch,
+train, upload, validate and aggregate, evaluate, sign and release: medians over rounds, from
+the timestamps the coordinator and the agents record; ``fedge.harness.phases``), and
+PASS/FAIL lines for REFERENCE.md's targets; writes everything as
 JSON and a per-round figure (accuracy, bytes, round time; needs matplotlib, the ``plot``
 extra) next to it. With ``--runs`` above 1, values are medians over the runs with their
 min-max spread.
@@ -48,6 +51,7 @@ from coordinator.daemon import Coordinator
 from coordinator.figures import Reference, RoundSeries, rounds_figure, save_png
 from coordinator.rounds import RoundOutcome
 from fedge.harness.federation import federation
+from fedge.harness.phases import phase_table, round_phases
 from protocol.chunks import CHUNK_HEADER_BYTES
 from protocol.messages.rounds import (
     BlobRef,
@@ -94,6 +98,7 @@ def _round_rows(coordinator: Coordinator, outcomes: Sequence[RoundOutcome]) -> l
     rows = []
     for outcome in outcomes:
         metrics = outcome.metrics
+        record = coordinator.state.round(outcome.round)
         updates = int(metrics.get("updates", 0))
         rows.append(
             {
@@ -109,6 +114,7 @@ def _round_rows(coordinator: Coordinator, outcomes: Sequence[RoundOutcome]) -> l
                 "bytes_down_per_agent": _bytes_down(coordinator, outcome),
                 # Secure aggregation's stage traffic and DP's epsilon (bench/privacy.py).
                 "metrics": {k: v for k, v in metrics.items() if k.startswith(("secagg_", "dp_"))},
+                "phases": round_phases(record.started_at, metrics) if record else None,
             }
         )
     return rows
@@ -224,6 +230,8 @@ def measure(spec: Spec, rounds: int, runs: int) -> dict[str, Any]:
         "summary": _summarize(results, per_round),
     }
     print(_round_table(spec, result, runs), flush=True)
+    phases = [row.get("phases") for run in results for row in run["rounds"]]
+    print(phase_table(phases, f"{spec.name}: a round's phases"), flush=True)
     return result
 
 

@@ -18,8 +18,11 @@ and restarted.
 At the end it checks: every round closed (ok or with a reason; none hung); each round stored
 one update per agent at most and counted exactly what it stored; every result that arrived
 more than once arrived as identical copies (deduplicated by frame id); results kept
-arriving after every disruption. It prints the agents' and the coordinator's resident
-memory as a series (one sample every ``--sample`` seconds) and their growth.
+arriving after every disruption. It prints the agents' and the coordinator's memory as a
+series (RSS, PSS and USS from ``/proc/<pid>/smaps_rollup``, one sample every ``--sample``
+seconds, with the rounds that closed in between, their median time and its phases) and
+their growth: the peak USS of the last quarter of samples over that of the second quarter,
+at most 10 MB per process to PASS.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -37,26 +41,83 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import psutil
 
 from coordinator.reference import digit_images_uint8, digit_png, load_digits_split
 from coordinator.rounds import RoundPlan
 from fedge.harness.clients import disconnect, mqtt_client, subscribe
 from fedge.harness.federation import federation
+from fedge.harness.memory import MB, memory_of
+from fedge.harness.phases import PHASES, round_phases
+from protocol.errors import FedgeError
 from protocol.frames import FrameMeta, encode_envelope
 from protocol.topics import Topics
 from runtime.mosquitto import MosquittoProcess, find_mosquitto
 
 DEFAULT_OUT = Path("bench/results/soak.json")
 ROUND_DEADLINE_S = 30.0
-MB = 2**20
+FLAT_MB = 10.0
 
 
-def _rss(pid: int | None) -> float:
-    try:
-        return psutil.Process(pid).memory_info().rss / MB if pid else float("nan")
-    except psutil.Error:
-        return float("nan")
+def _memory_mb(pid: int | None) -> dict[str, float]:
+    """RSS, PSS and USS in MB (fedge.harness.memory says what each counts)."""
+    memory = memory_of(pid) if pid else {"rss": 0, "pss": 0, "uss": 0}
+    return {key: round(memory[key] / MB, 1) for key in ("rss", "pss", "uss")}
+
+
+def _window(coordinator: Any, outcomes: list[Any]) -> dict[str, Any]:
+    """The rounds that closed since the last sample: their median time and phases."""
+    seconds, phases = [], []
+    for outcome in outcomes:
+        record = coordinator.state.round(outcome.round)
+        if record is None or record.finished_at is None:
+            continue
+        seconds.append(record.finished_at - record.started_at)
+        if outcome.ok:
+            phases.append(round_phases(record.started_at, outcome.metrics))
+    measured = [p for p in phases if p is not None]
+    window: dict[str, Any] = {"rounds": len(outcomes), "failed": sum(not o.ok for o in outcomes)}
+    if seconds:
+        window["median_round_s"] = round(statistics.median(seconds), 3)
+        window["max_round_s"] = round(max(seconds), 3)
+    if measured:
+        window["phases_ms"] = {
+            name: round(1000 * statistics.median(p[name] for p in measured), 1) for name in PHASES
+        }
+    return window
+
+
+def _growth(memory: list[dict[str, Any]]) -> dict[str, float]:
+    """USS growth per process: the peak of the last quarter of samples over the second's.
+
+    The first quarter is warm-up (models loaded, caches filled); a restarted agent starts
+    low again, so peaks, not single samples, are compared. USS, because a process's PSS
+    moves when other processes sharing its libraries start or exit.
+    """
+    quarter = max(1, len(memory) // 4)
+    early, late = memory[quarter : 2 * quarter] or memory, memory[-quarter:]
+
+    def peak(samples: list[dict[str, Any]], pick: Any) -> float:
+        return max(pick(sample)["uss"] for sample in samples)
+
+    growth = {"coordinator": peak(late, lambda m: m["coordinator_mb"])}
+    growth["coordinator"] -= peak(early, lambda m: m["coordinator_mb"])
+    for index in range(len(memory[0]["agents_mb"])):
+        late_peak = peak(late, lambda m, i=index: m["agents_mb"][i])
+        growth[f"agent-{index:02d}"] = late_peak - peak(early, lambda m, i=index: m["agents_mb"][i])
+    return {key: round(value, 1) for key, value in growth.items()}
+
+
+def _series(memory: list[dict[str, Any]]) -> str:
+    """The memory series (PSS, MB) with each window's rounds and median round time."""
+    lines = ["     t s  coord USS  agents' USS              rounds  median round s"]
+    for sample in memory:
+        agents = " ".join(f"{a['uss']:5.0f}" for a in sample["agents_mb"])
+        window = sample["window"]
+        lines.append(
+            f"{sample['t_s']:8.0f}  {sample['coordinator_mb']['uss']:9.0f}  {agents:<24} "
+            f"{window['rounds']:6d}  {window.get('median_round_s', float('nan')):14.3f}"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agent-kill", type=float, default=420.0, help="seconds")
     parser.add_argument("--sample", type=float, default=30.0, help="memory sample, seconds")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--workdir", type=Path, help="keep broker, agents and logs here")
     args = parser.parse_args(argv)
     binary = find_mosquitto()
     if binary is None:
@@ -87,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
             arrivals.append(time.monotonic())
 
     with tempfile.TemporaryDirectory(prefix="fedge-soak-") as tmp:
-        root = Path(tmp)
+        root = args.workdir or Path(tmp)
         broker = MosquittoProcess(binary, root / "mosquitto")
         broker.start()
         stop = threading.Event()
         outcomes: list[Any] = []
+        round_errors: list[str] = []
         memory: list[dict[str, Any]] = []
         disruptions: list[tuple[float, str]] = []
         published = 0
@@ -111,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
                         min_agents=max(1, args.agents - 1), deadline_s=ROUND_DEADLINE_S
                     )
                     while not stop.is_set():
-                        outcomes.extend(coordinator.run_plan_now(plan))
+                        try:
+                            outcomes.extend(coordinator.run_plan_now(plan))
+                        except FedgeError as exc:  # e.g. too few agents online: try again
+                            round_errors.append(str(exc))
 
                 worker = threading.Thread(target=rounds, name="soak-rounds", daemon=True)
                 worker.start()
@@ -120,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 next_restart = started + args.broker_restart
                 next_kill = started + args.agent_kill
                 next_sample = started
+                sampled = 0
                 restarts = kills = 0
                 period = 1.0 / args.fps
                 while time.monotonic() < end:
@@ -132,19 +199,21 @@ def main(argv: list[str] | None = None) -> int:
                         camera.publish(topics.camera_frames(f"cam{index}"), frame, qos=1)
                         published += 1
                     if now >= next_sample:
+                        closed = len(outcomes)
                         memory.append(
                             {
                                 "t_s": round(now - started, 1),
-                                "coordinator_mb": _rss(os.getpid()),
+                                "coordinator_mb": _memory_mb(os.getpid()),
                                 "agents_mb": [
-                                    _rss(a.process.pid if a.process else None) for a in fed.agents
+                                    _memory_mb(a.process.pid if a.process else None)
+                                    for a in fed.agents
                                 ],
+                                "rounds_total": closed,
+                                "window": _window(coordinator, outcomes[sampled:closed]),
                             }
                         )
-                        print(
-                            f"t={now - started:7.0f} s  {memory[-1]}  rounds={len(outcomes)}",
-                            flush=True,
-                        )
+                        sampled = closed
+                        print(f"t={now - started:7.0f} s  {json.dumps(memory[-1])}", flush=True)
                         next_sample += args.sample
                     if now >= next_restart:
                         if restarts % 2:
@@ -165,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                         next_kill += args.agent_kill
                     stop.wait(period)
                 stop.set()
+                coordinator.runner.request_stop("the soak is over")
                 worker.join(ROUND_DEADLINE_S * 3)
                 time.sleep(5)  # let the last results drain before the check (a soak, not a test)
                 rounds_done = [coordinator.state.round(o.round) for o in outcomes]
@@ -192,20 +262,20 @@ def main(argv: list[str] | None = None) -> int:
         "rounds_unclosed": sum(r is None or r.finished_at is None for r in rounds_done),
         "updates_counted_as_stored": update_check,
         "results_after_every_disruption": resumed,
+        "results_arrivals": len(arrivals),
+        "round_errors": round_errors[:20],
         "disruptions": [d for _, d in disruptions],
+        "memory_growth_mb": _growth(memory),
         "memory": memory,
     }
-    first, last = memory[0], memory[-1]
     print(json.dumps({k: v for k, v in report.items() if k != "memory"}, indent=2))
-    agents_first = [round(m) for m in first["agents_mb"]]
-    agents_last = [round(m) for m in last["agents_mb"]]
-    print(
-        f"coordinator RSS {first['coordinator_mb']:.0f} -> {last['coordinator_mb']:.0f} MB; "
-        f"agents {agents_first} -> {agents_last} MB"
-    )
+    print(_series(memory))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    flat = all(v <= FLAT_MB for v in report["memory_growth_mb"].values())
+    print(f"memory flat (USS growth at most {FLAT_MB:g} MB per process): {flat}")
     ok = not conflicting and update_check and resumed and report["rounds_unclosed"] == 0
+    ok = ok and flat
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

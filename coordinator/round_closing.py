@@ -29,6 +29,7 @@ from protocol.messages.rounds import (
     ModelRelease,
     PrivacySpent,
     RoundAnnouncement,
+    UpdateComplete,
 )
 from protocol.tensors import decode_tensors, encode_tensors
 from protocol.updates import decode_update
@@ -46,6 +47,8 @@ class RoundClosing:
     producer: ModelProducer
     privacy: RoundPrivacy
     _sum_result: tuple[list[np.ndarray], dict[str, Any], int, PrivacySpent | None] | None
+    # When the round's steps happened (and the agents' own timings), for its metrics.
+    _timings: dict[str, Any]
 
     def _accept(
         self,
@@ -56,6 +59,7 @@ class RoundClosing:
     ) -> None:
         complete = update.complete
         agent = complete.agent
+        accepted_at = self.fleet.now()
         try:
             if complete.round != announcement.round:
                 raise ProtocolError(
@@ -112,10 +116,23 @@ class RoundClosing:
         if stored:
             record_evaluation(self.state, complete)
             note_ranges(self.state, complete)
+            self._note_timings(complete, accepted_at)
         if not stored:
             logger.info("duplicate update from %s for round %d ignored", agent, complete.round)
         elif plan.privacy is not None and plan.privacy.adaptive:
             self.privacy.note(complete)
+
+    def _note_timings(self, complete: UpdateComplete, accepted_at: float) -> None:
+        timings = self._timings.setdefault("agents", {})
+        entry = (
+            complete.timings.model_dump(exclude={"kind", "schema_version"})
+            if complete.timings
+            else {}
+        )
+        timings[complete.agent] = {**entry, "accepted_at": accepted_at}
+        self._timings["validate_s"] = self._timings.get("validate_s", 0.0) + (
+            self.fleet.now() - accepted_at
+        )
 
     def _aggregate(
         self,
@@ -173,7 +190,10 @@ class RoundClosing:
         self.state.put(
             f"strategy_state_r{number}", _encode_state(strategy.state_dict(), self.state)
         )
+        timings = {**self._timings, "aggregated_at": self.fleet.now()}
+        self._timings = {}
         metrics_model = self.producer.evaluate(new_weights)
+        timings["evaluated_at"] = self.fleet.now()
         version = f"r{number}"
         release = self._publish(
             version=version,
@@ -183,6 +203,7 @@ class RoundClosing:
             privacy=spent,
             masks=masks,
         )
+        timings["released_at"] = self.fleet.now()
         record = self.state.round(number)
         started = record.started_at if record else self.fleet.now()
         metrics = {
@@ -197,6 +218,7 @@ class RoundClosing:
             "seconds": max(0.0, self.fleet.now() - started),
             **privacy_metrics,
             **federated_metrics(self.state, number, agents),
+            "timings": timings,
         }
         self.state.finish_round(number, state="done", reason=None, metrics=metrics)
         logger.info(

@@ -77,6 +77,7 @@ class RoundRunner(RoundClosing):
         self._sum_result: (
             tuple[list[np.ndarray], dict[str, Any], int, PrivacySpent | None] | None
         ) = None
+        self._timings: dict[str, Any] = {}
         self._stop_reason = "a stop was requested"
         # Agents online that the last selection left out, and why.
         self._left_out: dict[str, str] = {}
@@ -269,6 +270,7 @@ class RoundRunner(RoundClosing):
             started_at=now,
         )
         self.fleet.announce(announcement)
+        self._timings = {"announced_at": self.fleet.now()}
         logger.info("round %d announced to %d agents", round_number, len(selected))
         for agent, why in self._left_out.items():
             logger.info("round %d: %s left out: %s", round_number, agent, why)
@@ -333,6 +335,7 @@ class RoundRunner(RoundClosing):
             if update is not None:
                 bytes_up += update.bytes_received
                 self._accept(update, announcement, base, plan)
+        self._timings["collected_at"] = self.fleet.now()
         received = self.state.update_agents(number)
         if len(received) < plan.min_agents and self._stop_requested:
             reason = (

@@ -25,6 +25,7 @@ __all__ = [
     "RoundConfig",
     "UpdateComplete",
     "UpdateEncoding",
+    "UpdateTimings",
 ]
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -163,6 +164,20 @@ class RoundAnnouncement(Message):
     issued_at: NonNegativeFloat
 
 
+class UpdateTimings(Message):
+    """When an agent's steps of a round happened, by its own clock (seconds since the epoch).
+
+    Benchmarks split a round's wall time into phases with them; they steer nothing.
+    """
+
+    kind: Literal["update_timings"] = "update_timings"
+    received_at: NonNegativeFloat  # the announcement arrived (network thread)
+    started_at: NonNegativeFloat  # the round's worker took it up
+    ready_at: NonNegativeFloat  # blobs fetched, trainer loaded, samples prepared
+    trained_at: NonNegativeFloat  # local training done
+    sent_at: NonNegativeFloat  # the update encoded and handed to the outbox
+
+
 class UpdateComplete(Message):
     """Published by an agent once every chunk of its update is out."""
 
@@ -185,6 +200,7 @@ class UpdateComplete(Message):
     evaluation: Evaluation | None = None
     # Min/max of the release's float serving model over the agent's samples (int8 calibration).
     activation_ranges: ActivationRanges | None = None
+    timings: UpdateTimings | None = None
 
 
 class CoordinatorState(StrEnum):
