@@ -17,6 +17,9 @@ untrained float32 CNN with a 224x224x3 input (JPEG frames of scikit-image's phot
   after each, so the agent's added latency is ``p50(round trip) - p50(bare frame) -
   p50(broker round trip)``; the results' own ``timings`` show the agent's stages.
 
+- with ``--profile DIR``: one more throughput pass with py-spy sampling the agent process
+  (``fedge.harness.profile``), its CPU time per frame split by stage (decode, preprocess,
+  invoke, outbox, result message, MQTT, ...), measured rather than inferred.
 - the agent process's start-up time (spawn to its retained ``online`` status, model loaded)
   and its resident memory (now and peak) after the runs.
 
@@ -56,6 +59,7 @@ from fedge.harness.inference_workloads import (
     workloads,
 )
 from fedge.harness.measured import MeasuredAgent
+from fedge.harness.profile import sampled, split_samples
 from protocol.frames import FrameMeta, encode_envelope
 from protocol.topics import Topics
 from runtime.mosquitto import MosquittoProcess, find_mosquitto
@@ -190,10 +194,41 @@ def _warm_up(link: Link, workload: Workload) -> None:
         link.arrivals.wait(link.arrivals.has_result(frame_id), frame_id)
 
 
+def _profiled(link: Link, workload: Workload, out: Path) -> dict[str, Any]:
+    """One more throughput pass with py-spy sampling the agent: its CPU split by stage."""
+    with sampled(link.agent.pid, out):
+        throughput = _throughput(link, workload, run=10_000)
+    samples, shares = split_samples(out)
+    cpu = throughput["cpu_ms_per_frame"]
+    return {
+        "raw": str(out),
+        "samples": samples,
+        "cpu_ms_per_frame": cpu,
+        "fps": throughput["fps"],
+        "stages": {
+            stage: {"share": share, "ms_per_frame": share * cpu} for stage, share in shares.items()
+        },
+    }
+
+
+def _profile_table(name: str, profile: dict[str, Any]) -> str:
+    lines = [
+        f"{name}: the agent process's CPU per frame by stage (py-spy, {profile['samples']} "
+        f"samples, {profile['cpu_ms_per_frame']:.2f} ms CPU/frame at {profile['fps']:.0f} fps)"
+    ]
+    for stage, value in profile["stages"].items():
+        lines.append(
+            f"  {stage:<34} {value['ms_per_frame']:7.3f} ms  {100 * value['share']:5.1f} %"
+        )
+    return "\n".join(lines)
+
+
 # --- one workload ------------------------------------------------------------------------
 
 
-def _measure(workload: Workload, runs: int, *, reliable_results: bool) -> dict[str, Any]:
+def _measure(
+    workload: Workload, runs: int, *, reliable_results: bool, profile_dir: Path | None = None
+) -> dict[str, Any]:
     per_run: list[dict[str, Any]] = []
     serving = bare_serving(workload)
     with (
@@ -227,7 +262,12 @@ def _measure(workload: Workload, runs: int, *, reliable_results: bool) -> dict[s
                     ),
                 }
             )
+        profile = None
+        if profile_dir is not None:
+            profile = _profiled(link, workload, profile_dir / f"{workload.name}.txt")
+            print(_profile_table(workload.name, profile), flush=True)
     return {
+        "profile": profile,
         "model": str(workload.model),
         "frame_bytes_mean": statistics.mean(len(f) for f in workload.frames),
         "throughput_frames": workload.sizes.throughput_frames,
@@ -316,6 +356,13 @@ def main(argv: list[str] | None = None) -> int:
         help="agent publishes results without its on-disk outbox",
     )
     parser.add_argument("--quick", action="store_true", help="a small version, for a smoke test")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="after the runs, sample the agent with py-spy through one more throughput pass "
+        "and print its CPU per frame by stage (raw stacks written to DIR)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.quick:
@@ -328,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     for workload in chosen:
         print(f"measuring {workload.name} ({args.runs} runs) ...", flush=True)
         results[workload.name] = _measure(
-            workload, args.runs, reliable_results=args.reliable_results
+            workload, args.runs, reliable_results=args.reliable_results, profile_dir=args.profile
         )
 
     print()

@@ -97,7 +97,7 @@ def _growth(memory: list[dict[str, Any]]) -> dict[str, float]:
     early, late = memory[quarter : 2 * quarter] or memory, memory[-quarter:]
 
     def peak(samples: list[dict[str, Any]], pick: Any) -> float:
-        return max(pick(sample)["uss"] for sample in samples)
+        return float(max(pick(sample)["uss"] for sample in samples))
 
     growth = {"coordinator": peak(late, lambda m: m["coordinator_mb"])}
     growth["coordinator"] -= peak(early, lambda m: m["coordinator_mb"])

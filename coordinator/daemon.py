@@ -93,6 +93,7 @@ class Coordinator:
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._progress: dict[str, Any] = {}
+        self._privacy = _PrivacySpent()
         self.outcomes: list[RoundOutcome] = []
         self.keeper = RetainedKeeper(
             current_manifest_topic=self._current_manifest_topic,
@@ -356,7 +357,7 @@ class Coordinator:
     def _publish_status(self, phase: Phase) -> None:
         progress = self._progress if phase is Phase.ANNOUNCED else {}
         version = self.state.get("current_version")
-        spent = _privacy_spent(self.state)
+        spent = self._privacy.spent(self.state)
         status = CoordinatorStatus(
             state=phase,
             timestamp=time.time(),
@@ -384,12 +385,25 @@ def _detail(progress: dict[str, Any], state: CoordinatorState) -> str | None:
     return None
 
 
-def _privacy_spent(state: CoordinatorState) -> tuple[float, float] | None:
-    """The (epsilon, delta) of the newest DP round, for the status message."""
-    for record in reversed(state.rounds()):
-        if "dp_epsilon" in record.metrics:
-            return float(record.metrics["dp_epsilon"]), float(record.metrics["dp_delta"])
-    return None
+class _PrivacySpent:
+    """The (epsilon, delta) of the newest DP round, for the status message.
+
+    Reads only the rounds that finished since it last looked: the status goes out on every
+    update received, and reading every round each time made rounds slower as they added up.
+    """
+
+    def __init__(self) -> None:
+        self._scanned = 0  # every round up to this one has been looked at, and had finished
+        self._spent: tuple[float, float] | None = None
+
+    def spent(self, state: CoordinatorState) -> tuple[float, float] | None:
+        for record in state.rounds(after=self._scanned):
+            if record.state == "announced":
+                break
+            if "dp_epsilon" in record.metrics:
+                self._spent = float(record.metrics["dp_epsilon"]), float(record.metrics["dp_delta"])
+            self._scanned = record.round
+        return self._spent
 
 
 def _signing_key(config: CoordinatorConfig) -> SigningKey:

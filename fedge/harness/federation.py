@@ -169,6 +169,10 @@ class Federation:
         raise AssertionError(f"fewer than {count} agents online after {timeout_s} s")
 
     def stop(self) -> None:
+        # All asked at once, then waited for: one by one, 200 agents took minutes to stop.
+        for agent in self.agents:
+            if agent.process is not None and agent.process.poll() is None:
+                agent.process.terminate()
         for agent in self.agents:
             agent.stop()
         if self.coordinator is not None:

@@ -10,6 +10,7 @@ import pytest
 
 from coordinator.rounds import RoundPlan
 from fedge.harness.federation import federation
+from fedge.harness.phases import PHASES, round_phases
 from protocol.messages.agent import AgentStatus
 from protocol.messages.codec import decode_message
 from protocol.messages.rounds import RoundConfig, UpdateEncoding
@@ -49,6 +50,16 @@ def test_a_few_rounds_with_litert_agents_that_cannot_import_tensorflow(
         assert accuracies[-1] > accuracies[0]
         for agent in fed.agents:
             assert "Traceback" not in agent.log()
+        # Every agent stamped its steps and the coordinator its own: the phases add up to
+        # the round's time.
+        for outcome in outcomes:
+            assert set(outcome.metrics["timings"]["agents"]) == {a.agent_id for a in fed.agents}
+            record = coordinator.state.round(outcome.round)
+            assert record is not None
+            phases = round_phases(record.started_at, outcome.metrics)
+            assert phases is not None
+            assert sum(phases[name] for name in PHASES) == pytest.approx(phases["total"])
+            assert phases["total"] <= outcome.metrics["seconds"]
 
 
 @pytest.mark.parametrize(
