@@ -35,12 +35,12 @@ class _TaskClient(FederatedClient):
         super().__init__(**settings)
         self._slots = slots
 
-    def _on_announcement(self, announcement: RoundAnnouncement) -> None:
+    def _on_announcement(self, announcement: RoundAnnouncement, received_at: float = 0.0) -> None:
         if self.agent_id not in announcement.selected:
-            super()._on_announcement(announcement)
+            super()._on_announcement(announcement, received_at)
             return
         with self._slots:
-            super()._on_announcement(announcement)
+            super()._on_announcement(announcement, received_at)
 
 
 class TaskClients:
