@@ -334,13 +334,6 @@ class FederatedClient(FederatedIO):
             len(blob),
         )
 
-    def _announced_again(self, announcement: RoundAnnouncement) -> None:
-        """A restarted coordinator may have lost what it received but had not stored: send the
-        kept update again (stored once per round and agent) until the deadline's extension."""
-        extended = announcement.deadline_at + (announcement.deadline_at - announcement.issued_at)
-        if time.time() <= extended:
-            self._resend(announcement.round)
-
     def _ranges(self, release: ModelRelease, x: np.ndarray) -> ActivationRanges | None:
         """The float serving model's activation ranges on our samples, for int8 calibration."""
         if release.inference is None or len(x) == 0:

@@ -30,6 +30,7 @@ from protocol.messages.evaluation import Evaluation
 from protocol.messages.rounds import (
     BlobRef,
     ModelRelease,
+    RoundAnnouncement,
     RoundConfig,
 )
 from protocol.topics import Topics
@@ -86,6 +87,9 @@ class FederatedIO:
     """Data, blobs and swaps for :class:`~agent.federated.FederatedClient`, which mixes it in."""
 
     if TYPE_CHECKING:  # what the FederatedClient that mixes this in provides
+
+        def _resend(self, number: int) -> None: ...
+
         topics: Topics
         waiting_for: str | None
         stalled_blob: str | None
@@ -315,6 +319,13 @@ class FederatedIO:
         return models[-1]
 
     # round bookkeeping
+    def _announced_again(self, announcement: RoundAnnouncement) -> None:
+        """A restarted coordinator may have lost what it received but had not stored: send the
+        kept update again (stored once per round and agent) until the deadline's extension."""
+        extended = announcement.deadline_at + (announcement.deadline_at - announcement.issued_at)
+        if time.time() <= extended:
+            self._resend(announcement.round)
+
     def _load_done(self) -> set[int]:
         try:
             return set(json.loads(self._state_path.read_text()).get("rounds_done", []))

@@ -20,6 +20,7 @@ from coordinator.recovery import RetainedKeeper
 from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
 from coordinator.search import grid, search_from_options, start_search
 from coordinator.state import CoordinatorState
+from coordinator.status_privacy import PrivacySpentReader
 from coordinator.task_metrics import TaskMeter
 from coordinator.task_producers import make_producer
 from coordinator.task_resume import check_resumable
@@ -94,7 +95,7 @@ class Coordinator:
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._progress: dict[str, Any] = {}
-        self._privacy = _PrivacySpent()
+        self._privacy = PrivacySpentReader()
         self._status_at = 0.0
         self.outcomes: list[RoundOutcome] = []
         self.keeper = RetainedKeeper(
@@ -391,27 +392,6 @@ def _detail(progress: dict[str, Any], state: CoordinatorState) -> str | None:
     if done and done[-1].metrics.get("accuracy") is not None:
         return f"round {done[-1].round} accuracy {done[-1].metrics['accuracy']:.3f}"
     return None
-
-
-class _PrivacySpent:
-    """The (epsilon, delta) of the newest DP round, for the status message.
-
-    Reads only the rounds that finished since it last looked: the status goes out on every
-    update received, and reading every round each time made rounds slower as they added up.
-    """
-
-    def __init__(self) -> None:
-        self._scanned = 0  # every round up to this one has been looked at, and had finished
-        self._spent: tuple[float, float] | None = None
-
-    def spent(self, state: CoordinatorState) -> tuple[float, float] | None:
-        for record in state.rounds(after=self._scanned):
-            if record.state == "announced":
-                break
-            if "dp_epsilon" in record.metrics:
-                self._spent = float(record.metrics["dp_epsilon"]), float(record.metrics["dp_delta"])
-            self._scanned = record.round
-        return self._spent
 
 
 def _signing_key(config: CoordinatorConfig) -> SigningKey:
