@@ -28,6 +28,7 @@ from agent.transfer_task import sample_input
 from coordinator.rounds import RoundPlan
 from coordinator.transfer_workload import colour_digits
 from fedge.harness.federation import federation
+from protocol.messages.agent import AgentStatus, InferenceResult
 from protocol.messages.codec import decode_message
 from protocol.messages.rounds import CoordinatorStatus, ModelRelease, RoundConfig, UpdateEncoding
 from protocol.preprocess import PreprocessSpec
@@ -144,6 +145,8 @@ def test_the_example_cnn_trains_on_agents_without_tensorflow_as_keras_would(
     with federation(tmp_path, mosquitto, topics, num_agents=2, shares=shares) as fed:
         coordinator = fed.start_coordinator(task=task)
         fed.wait_for_agents(2)
+        # Their birth messages: TensorFlow cannot be imported there, LiteRT is all they have.
+        assert {a.trainers for a in coordinator.fleet.agents().values()} == {("litert",)}
         [outcome] = coordinator.run_plan_now(_plan(2))
         assert outcome.ok, outcome.reason
         assert outcome.metrics["updates"] == 2
@@ -177,6 +180,51 @@ def test_the_example_cnn_trains_on_agents_without_tensorflow_as_keras_would(
                 np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 
 
+def _check_served(
+    mosquitto: MosquittoProcess, topics: Topics, agents: list[str], version: str
+) -> None:
+    """A frame on the camera topic: each agent answers with ``version`` and the task's labels."""
+    import cv2
+
+    def served(messages: list[Any]) -> list[InferenceResult]:
+        results = [
+            decode_message(m.payload, InferenceResult)
+            for m in messages
+            if m.topic.endswith("/results")
+        ]
+        return [r for r in results if r.model_version == version]
+
+    images, _ = colour_digits()
+    ok, frame = cv2.imencode(".png", cv2.cvtColor(images[-1], cv2.COLOR_RGB2BGR))
+    assert ok
+
+    def swapped(messages: list[Any]) -> bool:
+        versions = {}
+        for message in messages:
+            if message.topic.endswith("/status") and message.payload:
+                status = decode_message(message.payload, AgentStatus)
+                if status.capabilities is not None:
+                    versions[status.agent] = status.capabilities.model_version
+        return all(versions.get(agent) == version for agent in agents)
+
+    collector = MessageCollector()
+    client = mqtt_client(mosquitto, collector=collector)
+    try:
+        for agent in agents:
+            subscribe(client, topics.agent_status(agent))
+            subscribe(client, topics.agent_results(agent))
+        # The status an agent publishes when it swaps a release in (retained: the latest).
+        collector.wait_for(swapped, STATUS_TIMEOUT_S)
+        client.publish(topics.camera_frames("door"), frame.tobytes(), qos=1).wait_for_publish(10)
+        messages = collector.wait_for(
+            lambda msgs: len({r.agent for r in served(msgs)}) >= len(agents), STATUS_TIMEOUT_S
+        )
+    finally:
+        disconnect(client)
+    for result in served(messages):
+        assert result.predictions[0].label in LABELS
+
+
 def _status_with_left_out(collector: MessageCollector) -> CoordinatorStatus:
     def found(messages: list[Any]) -> bool:
         return any(s.left_out for s in statuses(messages))
@@ -208,6 +256,12 @@ def test_a_model_litert_cannot_train_is_refused_for_litert_agents_and_trained_by
         ) as fed:
             coordinator = fed.start_coordinator(task=task, status_interval_s=1.0)
             fed.wait_for_agents(3)
+            trainers = {a.agent: a.trainers for a in coordinator.fleet.agents().values()}
+            assert trainers == {
+                "agent-00": ("litert",),
+                "agent-01": ("litert",),
+                "agent-02": ("litert", "keras"),
+            }
             [outcome] = coordinator.run_plan_now(_plan(1))
             assert outcome.ok, outcome.reason
             assert outcome.metrics["updates"] == 1
@@ -225,6 +279,10 @@ def test_a_model_litert_cannot_train_is_refused_for_litert_agents_and_trained_by
                 assert "BatchNormalization" in why
             kept = [(a.data_dir / "federated/updates/1.update").is_file() for a in fed.agents]
             assert kept == [False, False, True]
+            # Every agent serves the Keras-trained release through its float32 variant.
+            latest = coordinator.runner.current_release()
+            assert [v.name for v in latest.variants] == ["float32"]
+            _check_served(mosquitto, topics, [a.agent_id for a in fed.agents], latest.version)
             for agent in fed.agents:
                 assert "Traceback" not in agent.log()
     finally:
