@@ -251,7 +251,8 @@ class Coordinator:
             if command.task is not None:
                 return self._start_task(command)
             plan = plan_from_command(command, defaults=self._round_defaults())
-            if self.busy:
+            # The fleet's own rounds take every agent: never beside a task's, which share them.
+            if self.busy or self.tasks.busy:
                 raise FedgeError("rounds are already running; stop them first", reason="busy")
             self._start_plan(plan)
             return {
@@ -277,6 +278,8 @@ class Coordinator:
     def _start_task(self, command: StartRounds) -> dict[str, str | int | float | bool | None]:
         task = command.task
         assert task is not None
+        if self.busy:
+            raise FedgeError("the fleet's own rounds are running; stop them first", reason="busy")
         self.tasks.run(task)  # an unknown task is refused before its options
         space, rung_rounds, options = search_from_options(command.options)
         command = command.model_copy(update={"options": options})
