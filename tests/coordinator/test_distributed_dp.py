@@ -57,7 +57,8 @@ def test_noise_below_zero_wraps_and_is_read_back() -> None:
     assert np.max(np.abs(recovered - (3 * values + noise * step))) <= 3 * step / 2 + 1e-12
 
 
-def test_the_unmasked_sum_carries_every_survivors_noise_share() -> None:
+@pytest.mark.parametrize("dropping", [0, 1, 2], ids=["none", "one", "a-third"])
+def test_the_unmasked_sum_carries_every_survivors_noise_share(dropping: int) -> None:
     length = 20_000
     params = round_params(PARAMS, OPTIONS, OPTIONS.clip_norm)
     assert params.dp_noise_stddev == pytest.approx(1.1 * 0.3 / math.sqrt(3))
@@ -65,17 +66,18 @@ def test_the_unmasked_sum_carries_every_survivors_noise_share() -> None:
     clients, server = shared_round(names, params, 3, length)
     rng = np.random.default_rng(3)
     updates = {n: rng.normal(0.0, 0.3 / math.sqrt(length), length) for n in names}
-    survivors = names[:5]  # one drops at the upload
+    survivors = names[: 6 - dropping]  # the others drop at the upload, after sharing
     for name in survivors:
         server.add_masked(name, clients[name].masked(updates[name]))
     request = server.unmask_request()
-    assert request == UnmaskRequest(round=3, survivors=tuple(survivors), dropped=(names[5],))
+    dropped = tuple(names[6 - dropping :])
+    assert request == UnmaskRequest(round=3, survivors=tuple(survivors), dropped=dropped)
     for name in survivors:
         server.add_revealed(clients[name].on_unmask(request))
     total, count = server.result()
-    assert count == 5
+    assert count == len(survivors)
     noise = total - sum(updates[n] for n in survivors)
-    expected = params.dp_noise_stddev * math.sqrt(5)
+    expected = params.dp_noise_stddev * math.sqrt(count)
     assert expected >= OPTIONS.noise_multiplier * OPTIONS.clip_norm  # at least zC, dropped or not
     assert abs(noise.std() / expected - 1.0) < 0.03
     assert abs(noise.mean()) < 5 * expected / math.sqrt(length)

@@ -22,11 +22,12 @@ from coordinator.dp import DpOptions
 from coordinator.rounds import RoundPlan
 from fedge.harness.faults import TcpProxy
 from fedge.harness.federation import federation
-from protocol.messages.rounds import ModelRelease
+from protocol.messages.codec import decode_message
+from protocol.messages.rounds import ModelRelease, UpdateComplete
 from protocol.messages.secagg import SecAggParams
 from protocol.topics import Topics
 from protocol.updates import decode_update, decode_weights, delta_norm
-from tests.brokers import MosquittoProcess
+from tests.brokers import MessageCollector, MosquittoProcess, disconnect, mqtt_client, subscribe
 
 pytestmark = [pytest.mark.broker, pytest.mark.system]
 
@@ -61,6 +62,10 @@ def test_agents_noise_the_sum_before_masking_and_epsilon_is_exact(
 ) -> None:
     with ExitStack() as stack:
         proxy = stack.enter_context(TcpProxy(mosquitto.host, mosquitto.port))
+        collector = MessageCollector()
+        watcher = mqtt_client(mosquitto, collector=collector)
+        stack.callback(disconnect, watcher)
+        subscribe(watcher, topics.all_update_manifests())
         fed = stack.enter_context(
             federation(
                 tmp_path,
@@ -136,5 +141,9 @@ def test_agents_noise_the_sum_before_masking_and_epsilon_is_exact(
         assert abs(float(np.mean(noise))) < 5 * expected / math.sqrt(noise.size)
         for stored in coordinator.state.updates(1):
             assert stored.encoding == "masked_u32"
+        # Whether an agent had to clip is a bit about its update alone: it is not sent.
+        completes = [decode_message(m.payload, UpdateComplete) for m in collector.messages]
+        assert len({(c.round, c.agent) for c in completes}) == 2 * (AGENTS - 1)
+        assert all(c.clipped is None for c in completes)
         for agent in fed.agents:
             assert "Traceback" not in agent.log()
