@@ -20,7 +20,7 @@ from coordinator.recovery import RetainedKeeper
 from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
 from coordinator.search import grid, search_from_options, start_search
 from coordinator.state import CoordinatorState
-from coordinator.status_privacy import PrivacySpentReader
+from coordinator.status_feed import PrivacySpentReader, StatusPacer
 from coordinator.task_metrics import TaskMeter
 from coordinator.task_producers import make_producer
 from coordinator.task_resume import check_resumable
@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 COMMAND_TYPES = (StartRounds, StopRounds, Ping, RequestStatus)
 MAX_COMMAND_BYTES = 64 * 1024
-STATUS_MIN_INTERVAL_S = 0.2
 
 
 class Coordinator:
@@ -96,7 +95,7 @@ class Coordinator:
         self._ready = threading.Event()
         self._progress: dict[str, Any] = {}
         self._privacy = PrivacySpentReader()
-        self._status_at = 0.0
+        self._pacer = StatusPacer()
         self.outcomes: list[RoundOutcome] = []
         self.keeper = RetainedKeeper(
             current_manifest_topic=self._current_manifest_topic,
@@ -352,15 +351,8 @@ class Coordinator:
 
     def _on_progress(self, progress: dict[str, Any]) -> None:
         self._meter.progress(progress)
-        previous, self._progress = self._progress, progress
-        # Progress comes with every update (and the seconds left change each time): the
-        # status goes out at most every STATUS_MIN_INTERVAL_S, but at once for a new round or
-        # stage and when the last update is in. 200 agents made 200 statuses a round.
-        moved = any(progress.get(k) != previous.get(k) for k in ("round", "stage", "selected"))
-        complete = progress.get("received") == progress.get("selected")
-        now = time.monotonic()
-        if moved or complete or now - self._status_at >= STATUS_MIN_INTERVAL_S:
-            self._status_at = now
+        self._progress = progress
+        if self._pacer.due(progress):
             self._publish_status(Phase.ANNOUNCED)
 
     def _phase(self) -> Phase:
