@@ -2,8 +2,8 @@
 
 - The example CNN (three Conv2D, two MaxPool, Flatten, Dense 64, Dense 10) at 64x64x3 trains
   on ``fedge agent run`` processes that cannot import TensorFlow, through the trainable
-  ``.tflite`` the coordinator exports; each agent's update equals the one Keras makes from the
-  same weights, data and batches (to 1e-5).
+  ``.tflite`` the coordinator exports, next to an agent that trains it in Keras; each agent's
+  update equals the one Keras makes from the same weights, data and batches (to 1e-5).
 - A model LiteRT cannot train (a trainable BatchNormalization) is refused for the LiteRT-only
   agents, with the reason in the coordinator's status, and trained by the agent that has
   TensorFlow.
@@ -141,15 +141,30 @@ def test_the_example_cnn_trains_on_agents_without_tensorflow_as_keras_would(
     mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
 ) -> None:
     task = write_keras_task(tmp_path / "task", example_cnn())
-    shares = write_shares(tmp_path / "shares", 2)
-    with federation(tmp_path, mosquitto, topics, num_agents=2, shares=shares) as fed:
+    shares = write_shares(tmp_path / "shares", 3)
+    with federation(
+        tmp_path,
+        mosquitto,
+        topics,
+        num_agents=3,
+        shares=shares,
+        tensorflow_agents={"agent-02"},
+        per_agent={"agent-02": {"trainer": "keras"}},
+    ) as fed:
         coordinator = fed.start_coordinator(task=task)
-        fed.wait_for_agents(2)
-        # Their birth messages: TensorFlow cannot be imported there, LiteRT is all they have.
-        assert {a.trainers for a in coordinator.fleet.agents().values()} == {("litert",)}
-        [outcome] = coordinator.run_plan_now(_plan(2))
+        fed.wait_for_agents(3)
+        # Their birth messages: TensorFlow cannot be imported on the first two, LiteRT is all
+        # they have; the third trains with Keras (from the release's .keras file), in the
+        # same round.
+        trainers = {a.agent: a.trainers for a in coordinator.fleet.agents().values()}
+        assert trainers == {
+            "agent-00": ("litert",),
+            "agent-01": ("litert",),
+            "agent-02": ("keras",),
+        }
+        [outcome] = coordinator.run_plan_now(_plan(3))
         assert outcome.ok, outcome.reason
-        assert outcome.metrics["updates"] == 2
+        assert outcome.metrics["updates"] == 3
         first = ModelRelease.model_validate_json(coordinator.state.release_json("r0") or "")
         assert first.recipe == "keras"
         assert first.trainers == ("litert", "keras")
