@@ -10,15 +10,17 @@ least ``t`` noise shares: std ``>= z C`` whoever dropped. With ``m`` survivors i
 ``sqrt(m / t) z C``, ``sqrt(m / t)`` times the noise central DP would add for the same
 epsilon: that is the accuracy this costs (the threshold is what buys robustness to dropouts).
 
-Accounting (Kairouz, Liu and Steinke 2021, the distributed discrete Gaussian): the sum of
-``t`` discrete Gaussians of variance ``s^2`` (in steps) on an integer query of L2 sensitivity
-``D`` is ``rho``-zCDP with ``rho = (D^2 / (t s^2) + tau d / 2) / 2``, where
-``tau = 10 sum_{k<t} exp(-2 pi^2 s^2 k / (k+1))`` (zero in float arithmetic at fedge's noise
-levels) and ``d`` is the number of coordinates. Rounding to the grid can lengthen an update by
-half a step per coordinate, so ``D = C / step + sqrt(d) / 2``. A Gaussian mechanism of
-multiplier ``z'`` is ``1 / (2 z'^2)``-zCDP, with the same RDP curve, so the ledger charges a
-:class:`dp_accounting.GaussianDpEvent` of ``z' = (2 rho)^-1/2`` (a little below ``z``). The
-wrap mod 2^32 and the division by ``m`` are post-processing.
+Accounting (Kairouz, Liu and Steinke 2021, the distributed discrete Gaussian, their
+Proposition 14): the sum of ``t`` discrete Gaussians of variance ``s^2`` (in steps) on an
+integer query of L2 sensitivity ``D`` has Renyi divergence of order ``a`` at most
+``a D^2 / (2 t s^2) + tau d``, where ``tau = 10 sum_{k<t} exp(-2 pi^2 s^2 k / (k+1))`` and ``d``
+is the number of coordinates. fedge computes ``tau d`` and refuses a round where it passes
+``MAX_TAU_D`` (1e-12; it is 0.0 in float arithmetic once ``s`` is a few steps), so what is
+left is the RDP curve of a Gaussian mechanism of multiplier ``z' = s sqrt(t) / D``, and the
+ledger charges a :class:`dp_accounting.GaussianDpEvent` of ``z'``. Rounding to the grid can
+lengthen an update by half a step per coordinate, so ``D = C / step + sqrt(d) / 2``, and
+``z'`` is a little below ``z``. The wrap mod 2^32 and the division by ``m`` are
+post-processing.
 
 Assumptions, stated: agents are honest about their noise and the coordinator is semi-honest
 (it relays and does not lie about who uploaded); one agent colluding with the coordinator
@@ -51,6 +53,8 @@ DISTRIBUTED_ACCOUNTING = (
 )
 # The analysis of the discrete Gaussian needs a std of at least half a step; ask for more.
 MIN_NOISE_STEPS = 1.0
+# Largest correction ``tau d`` (added to every RDP order) that the accountant may leave out.
+MAX_TAU_D = 1e-12
 
 
 def check_distributed_plan(options: DpOptions, params: SecAggParams) -> None:
@@ -63,6 +67,8 @@ def check_distributed_plan(options: DpOptions, params: SecAggParams) -> None:
             reason="secagg_dp_adaptive",
         )
     _checked_steps(options, params, options.clip_norm)
+    # The same check as at every round, on one coordinate: fails early on a coarse grid.
+    accounted_multiplier(options, params, clip_norm=options.clip_norm, length=1)
 
 
 def round_params(
@@ -92,7 +98,14 @@ def accounted_multiplier(
     sensitivity = clip_norm / step + math.sqrt(length) / 2.0
     t = params.threshold
     tau = 10.0 * sum(math.exp(-2.0 * math.pi**2 * sigma**2 * k / (k + 1)) for k in range(1, t))
-    return 1.0 / math.sqrt(sensitivity**2 / (t * sigma**2) + tau * length / 2.0)
+    if tau * length > MAX_TAU_D:
+        raise ConfigError(
+            f"each agent's DP noise is only {sigma:.3g} quantisation steps: the sum of "
+            f"discrete Gaussians would not be charged as a Gaussian (tau x d = "
+            f"{tau * length:.3g}); raise secagg_quantisation_levels",
+            reason="bad_dp",
+        )
+    return sigma * math.sqrt(t) / sensitivity
 
 
 def _checked_steps(options: DpOptions, params: SecAggParams, clip_norm: float) -> float:

@@ -103,6 +103,10 @@ def test_what_distributed_dp_cannot_honour_is_refused() -> None:
     coarse = PARAMS.model_copy(update={"quantisation_levels": 4})
     with pytest.raises(ConfigError, match="under one quantisation step"):
         check_distributed_plan(OPTIONS, coarse)
+    # About 1.5 steps of noise: over one step, but the sum is not yet charged as a Gaussian.
+    grainy = PARAMS.model_copy(update={"quantisation_levels": 8})
+    with pytest.raises(ConfigError, match="tau x d"):
+        accounted_multiplier(OPTIONS, grainy, clip_norm=OPTIONS.clip_norm, length=8714)
     check_distributed_plan(OPTIONS, PARAMS)
     # The ring must hold the noise's tails too, not only the quantised updates.
     tight = PARAMS.model_copy(update={"quantisation_levels": 2**32 // 1000 - 1})
