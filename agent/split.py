@@ -7,7 +7,9 @@ through the on-disk outbox first, so a reconnect or a restart resends it; the co
 answers a resent batch with the gradient it already computed and never applies it twice.
 
 Run as ``python -m agent.split --broker URL --root R --fleet F --agent ID --model lower.tflite
---data batches.npz --round N --out weights.npz`` (``batches.npz`` holds ``x`` and ``y``).
+--data batches.npz --round N --out weights.npz`` (``batches.npz`` holds ``x`` and ``y``); with
+``--top top.tflite`` the split is U-shaped: the agent also runs the last layers, sends only
+activations up and the gradient at the top cut back, and its labels never leave it.
 This is the recipe's agent step; a task recipe can start it once tasks land.
 """
 
@@ -31,7 +33,7 @@ from protocol.topics import TopicKind, Topics
 from runtime.address import parse_broker_url
 from runtime.mqtt import MqttLink
 
-__all__ = ["LowerPart", "SplitWorker", "main"]
+__all__ = ["LowerPart", "SplitWorker", "TopPart", "main"]
 
 _log = logging.getLogger(__name__)
 
@@ -65,16 +67,55 @@ class LowerPart:
         return {k: np.asarray(v) for k, v in self._runners["get_weights"]().items()}
 
 
+class TopPart:
+    """A U-shaped split's last layers (``coordinator.split_ushape`` builds them)."""
+
+    def __init__(self, model: bytes) -> None:
+        interpreter = load_interpreter_class().interpreter_class(model_content=model)
+        try:
+            self._runners = {
+                name: interpreter.get_signature_runner(name) for name in ("train", "get_weights")
+            }
+        except ValueError as exc:
+            raise ModelError(f"not a split top part: {exc}", reason="not_split") from exc
+
+    def train(self, a: FloatArray, y: FloatArray, learning_rate: float) -> tuple[FloatArray, float]:
+        """One SGD step of the top weights; (gradient at the top cut, loss)."""
+        out = self._runners["train"](a=a, y=y.astype(np.int32), lr=np.float32(learning_rate))
+        return np.asarray(out["grad"], dtype=np.float32), float(out["loss"])
+
+    def weights(self) -> dict[str, FloatArray]:
+        """``t0``, ``t1``...: named apart from the lower part's ``w0``, ``w1``..."""
+        found = self._runners["get_weights"]()
+        return {f"t{k[1:]}": np.asarray(v) for k, v in found.items()}
+
+
 class SplitWorker:
     """One agent's batches of one round, sent through the outbox, each step waited for."""
 
     def __init__(
-        self, link: MqttLink, topics: Topics, agent: str, outbox: Outbox, lower: LowerPart
+        self,
+        link: MqttLink,
+        topics: Topics,
+        agent: str,
+        outbox: Outbox,
+        lower: LowerPart,
+        *,
+        top: TopPart | None = None,
     ) -> None:
         self._link, self._topics, self._agent = link, topics, agent
-        self._outbox, self._lower = outbox, lower
+        self._outbox, self._lower, self._top = outbox, lower, top
         self._receiver = SplitReceiver()
         self.gradients: queue.Queue[tuple[BatchId, FloatArray]] = queue.Queue()
+        self.middles: queue.Queue[tuple[BatchId, FloatArray]] = queue.Queue()
+        self.losses: list[float] = []
+
+    def subscriptions(self) -> list[str]:
+        """What this worker reads: gradients, and the middle's outputs when it is U-shaped."""
+        filters = [self._topics.agent_split_downloads(self._agent)]
+        if self._top is not None:
+            filters.append(self._topics.agent_split_middles(self._agent))
+        return filters
 
     def on_message(self, topic: str, payload: bytes) -> None:
         try:
@@ -82,17 +123,22 @@ class SplitWorker:
             if parsed.round is None or parsed.step is None or parsed.agent != self._agent:
                 return
             batch = BatchId(parsed.round, parsed.agent, parsed.step)
+            direction = parsed.direction or ""
+            if direction not in {"down", "mid"}:
+                return
             if parsed.kind is TopicKind.SPLIT_MANIFEST:
-                done = self._receiver.add_manifest(batch, "down", payload)
+                done = self._receiver.add_manifest(batch, direction, payload)
             elif parsed.kind is TopicKind.SPLIT_CHUNK:
-                done = self._receiver.add_chunk(batch, "down", payload)
+                done = self._receiver.add_chunk(batch, direction, payload)
             else:
                 return
         except FedgeError as exc:
             _log.warning("refused split message on %s: %s", topic, exc)
             return
-        if done is not None and "grad" in done[2]:
+        if done is not None and direction == "down" and "grad" in done[2]:
             self.gradients.put((done[0], done[2]["grad"]))
+        elif done is not None and direction == "mid" and "activations" in done[2]:
+            self.middles.put((done[0], done[2]["activations"]))
 
     def _send(self, messages: list[tuple[str, bytes]]) -> None:
         for topic, payload in messages:
@@ -103,27 +149,44 @@ class SplitWorker:
         for step in range(len(x)):
             batch = BatchId(round_number, self._agent, step)
             acts = self._lower.forward(x[step])
-            up = split_messages(self._topics, batch, "up", {"activations": acts, "y": y[step]})
-            grad = self._exchange(batch, up)
+            if self._top is None:
+                up = split_messages(self._topics, batch, "up", {"activations": acts, "y": y[step]})
+                grad = self._exchange(batch, up, self.gradients)
+            else:  # U-shaped: the labels meet the top part here, on the agent, and stay
+                up = split_messages(self._topics, batch, "up", {"activations": acts})
+                middle = self._exchange(batch, up, self.middles)
+                grad_top, loss = self._top.train(middle, y[step], learning_rate)
+                self.losses.append(loss)
+                back = split_messages(self._topics, batch, "back", {"grad": grad_top})
+                grad = self._exchange(batch, back, self.gradients)
             self._lower.backward(x[step], grad, learning_rate)
             done = self._topics.split_done(batch.round, batch.agent, batch.step)
             self._send([(done, b"")])
             _log.info("split batch %s applied", batch)
 
     def weights(self) -> dict[str, FloatArray]:
-        return self._lower.weights()
+        """The lower part's weights (``w0``...), then the top part's (``t0``...), if any."""
+        weights = self._lower.weights()
+        if self._top is not None:
+            weights |= self._top.weights()
+        return weights
 
-    def _exchange(self, batch: BatchId, up: list[tuple[str, bytes]]) -> FloatArray:
+    def _exchange(
+        self,
+        batch: BatchId,
+        up: list[tuple[str, bytes]],
+        answers: queue.Queue[tuple[BatchId, FloatArray]],
+    ) -> FloatArray:
         for _attempt in range(MAX_RESENDS):
             self._send(up)
             try:
                 while True:
-                    got, grad = self.gradients.get(timeout=GRADIENT_TIMEOUT_S)
+                    got, tensor = answers.get(timeout=GRADIENT_TIMEOUT_S)
                     if got == batch:
-                        return grad
+                        return tensor
             except queue.Empty:
-                _log.warning("no gradient for %s yet: sending the batch again", batch)
-        raise TransportError(f"no gradient for {batch} after {MAX_RESENDS} tries")
+                _log.warning("no answer for %s yet: sending the batch again", batch)
+        raise TransportError(f"no answer for {batch} after {MAX_RESENDS} tries")
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -133,6 +196,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--fleet", default="default")
     parser.add_argument("--agent", required=True)
     parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--top", type=Path, help="a U-shaped split's top .tflite (labels stay)")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--round", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -156,13 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     link = MqttLink(
         parse_broker_url(args.broker), client_id=f"split-{args.agent}", on_message=deliver
     )
-    worker["w"] = SplitWorker(link, topics, args.agent, outbox, LowerPart(args.model.read_bytes()))
-    link.subscribe(topics.agent_split_downloads(args.agent))
+    top = TopPart(args.top.read_bytes()) if args.top else None
+    lower = LowerPart(args.model.read_bytes())
+    worker["w"] = SplitWorker(link, topics, args.agent, outbox, lower, top=top)
+    for topic_filter in worker["w"].subscriptions():
+        link.subscribe(topic_filter)
     link.start()
     try:
         link.wait_connected(CONNECT_TIMEOUT_S)
         worker["w"].run(args.round, x, y, args.lr)
-        np.savez(args.out, **worker["w"].weights())  # type: ignore[arg-type]
+        losses = np.asarray(worker["w"].losses, dtype=np.float32)
+        np.savez(args.out, losses=losses, **worker["w"].weights())  # type: ignore[arg-type]
     finally:
         link.stop()
         outbox.close()

@@ -100,17 +100,29 @@ def export_lower_tflite(model: keras.Model, cut: int, *, batch_size: int) -> byt
 
 
 class UpperPart:
-    """Layers ``[cut, end)`` of a model in Keras, stepped by plain SGD on demand."""
+    """Layers ``[cut, end)`` of a model in Keras, stepped by plain SGD on demand.
 
-    def __init__(self, model: keras.Model, cut: int, *, learning_rate: float) -> None:
+    ``end`` defaults to the last layer; a U-shaped split ends earlier (the agent keeps the
+    layers from ``end`` on) and steps through :meth:`forward` and :meth:`step_from`.
+    """
+
+    def __init__(
+        self, model: keras.Model, cut: int, *, learning_rate: float, end: int | None = None
+    ) -> None:
         _check_cut(model, cut)
+        end = len(model.layers) if end is None else end
+        if not cut < end <= len(model.layers):
+            raise ConfigError(f"the top cut {end} must lie after the cut {cut}", reason="bad_cut")
         import keras
 
         self._tf = import_tf()
         layers = [keras.Input(cut_shape(model, cut))]
-        layers += [type(layer).from_config(layer.get_config()) for layer in model.layers[cut:]]
+        layers += [type(layer).from_config(layer.get_config()) for layer in model.layers[cut:end]]
         self.model = keras.Sequential(layers, name=f"upper_{model.name}")
-        self.model.set_weights(model.get_weights()[lower_weight_count(model, cut) :])
+        weights = model.get_weights()
+        self.model.set_weights(
+            weights[lower_weight_count(model, cut) : lower_weight_count(model, end)]
+        )
         self.learning_rate = learning_rate
         self._loss = keras.losses.SparseCategoricalCrossentropy()
 
@@ -133,6 +145,27 @@ class UpperPart:
             for v, g in zip(variables, grads[1:], strict=True)
         ]
         return np.asarray(grads[0].numpy(), dtype=np.float32), new, float(loss.numpy())
+
+    def forward(self, activations: FloatArray) -> FloatArray:
+        """This part's output for a batch (a U-shaped split sends it down to the agent's top)."""
+        return np.asarray(self.model(activations, training=True), dtype=np.float32)
+
+    def step_from(
+        self, activations: FloatArray, grad_out: FloatArray
+    ) -> tuple[FloatArray, list[FloatArray]]:
+        """For the gradient at this part's output: (gradient at the cut, weights after SGD)."""
+        tf = self._tf
+        acts = tf.constant(activations)
+        with tf.GradientTape() as tape:
+            tape.watch(acts)
+            target = tf.reduce_sum(self.model(acts, training=True) * tf.constant(grad_out))
+        variables = self.model.trainable_variables
+        grads = tape.gradient(target, [acts, *variables])
+        new = [
+            np.asarray(v.numpy() - self.learning_rate * g.numpy(), dtype=np.float32)
+            for v, g in zip(variables, grads[1:], strict=True)
+        ]
+        return np.asarray(grads[0].numpy(), dtype=np.float32), new
 
     def apply(self, weights: list[FloatArray]) -> None:
         self.model.set_weights(weights)

@@ -321,9 +321,17 @@ class Topics:
         """Filter for the gradients sent to one agent."""
         return f"{self._work}/split/+/{validate_id(agent, what='agent id')}/+/down/#"
 
+    def all_split_backs(self) -> str:
+        """Filter for every agent's gradient at the top cut (U-shaped splits)."""
+        return f"{self._work}/split/+/+/+/back/#"
+
+    def agent_split_middles(self, agent: str) -> str:
+        """Filter for the middle part's outputs sent to one agent (U-shaped splits)."""
+        return f"{self._work}/split/+/{validate_id(agent, what='agent id')}/+/mid/#"
+
     def _split(self, round_number: int, agent: str, step: int, direction: str) -> str:
         if direction not in _SPLIT_DIRECTIONS:
-            raise TopicError(f"split direction must be 'up' or 'down', not {direction!r}")
+            raise TopicError(f"split direction must be one of {sorted(_SPLIT_DIRECTIONS)}")
         return f"{self._split_batch(round_number, agent, step)}/{direction}"
 
     def _split_batch(self, round_number: int, agent: str, step: int) -> str:
@@ -389,7 +397,8 @@ _COORDINATOR_LEAVES = {
     "events": TopicKind.COORDINATOR_EVENTS,
 }
 
-_SPLIT_DIRECTIONS = frozenset({"up", "down"})
+# up and down for every split; mid and back too for a U-shaped one (labels stay on the agent)
+_SPLIT_DIRECTIONS = frozenset({"up", "down", "mid", "back"})
 # Topics every task shares; the rest (rounds, models, blobs, updates) are per task.
 _FLEET_KINDS = frozenset(
     {*_AGENT_LEAVES.values(), *_COORDINATOR_LEAVES.values(), TopicKind.CAMERA_FRAMES}
