@@ -64,6 +64,10 @@ class AgentConfig(FedgeSettings):
     # The largest update chunk this agent publishes (header included): fits the broker's
     # message limit (AWS IoT Core 128 KB); smaller chunks resume a cut upload with less resent.
     max_chunk_bytes: Annotated[int, Field(ge=CHUNK_HEADER_BYTES + 1)] = DEFAULT_MAX_CHUNK_BYTES
+    # Which of a release's serving variants to serve: "smallest_within" (the smallest within
+    # variant_within_points accuracy points of the best), "fastest_within", or a name.
+    variant: Annotated[str, Field(min_length=1, max_length=64)] = "smallest_within"
+    variant_within_points: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0
     # local differential privacy: noise added to every update before it leaves the agent
     local_dp_noise_multiplier: Annotated[float, Field(gt=0.0, le=1000.0)] | None = None
     local_dp_clip_norm: Annotated[float, Field(gt=0.0)] | None = None

@@ -28,6 +28,7 @@ from agent.privacy import LocalDp
 from agent.store import SampleStore
 from agent.task_clients import TaskClients
 from agent.training import available_trainers
+from agent.variant_choice import VariantPolicy
 from protocol.errors import ConfigError, FedgeError, TopicError
 from protocol.messages.agent import (
     AgentState,
@@ -327,6 +328,7 @@ class Agent(AgentCommands):
             on_waiting=self._publish_status,
             local_dp=self._local_dp(),
             max_chunk_bytes=self.config.max_chunk_bytes,
+            variant=VariantPolicy(self.config.variant, self.config.variant_within_points),
         )
 
     def _local_dp(self) -> LocalDp | None:

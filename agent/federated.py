@@ -31,6 +31,7 @@ from agent.secagg_stages import AgentSecAgg
 from agent.store import SampleStore
 from agent.training import TrainConfig, Trainer, fitting_trainer, make_trainer
 from agent.transfer_task import TransferTasks
+from agent.variant_choice import VariantPolicy
 from protocol.chunks import CHUNK_HEADER_BYTES, DEFAULT_MAX_CHUNK_BYTES, split_blob
 from protocol.errors import FedgeError, ModelError
 from protocol.masks import decode_masks
@@ -86,6 +87,7 @@ class FederatedClient(FederatedIO):
         on_waiting: Callable[[], None] | None = None,
         local_dp: LocalDp | None = None,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        variant: VariantPolicy | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.topics = topics
@@ -107,6 +109,7 @@ class FederatedClient(FederatedIO):
         self.stalled_blob: str | None = None
         self._local_dp = local_dp
         self._max_chunk_bytes = max_chunk_bytes
+        self.variant = variant or VariantPolicy()
         self._jobs: queue.Queue[_Job] = queue.Queue()
         self._fetchers: dict[str, BlobFetcher] = {}
         self._fetch_lock = threading.Lock()

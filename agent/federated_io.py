@@ -24,6 +24,7 @@ from agent.serving import release_serving_model
 from agent.store import SampleStore
 from agent.training import Trainer, make_trainer
 from agent.transfer_task import TransferTasks, sample_input
+from agent.variant_choice import VariantPolicy, choose_variant
 from protocol.chunks import BlobManifest
 from protocol.errors import FedgeError, ModelError
 from protocol.messages.evaluation import Evaluation
@@ -33,6 +34,7 @@ from protocol.messages.rounds import (
     RoundAnnouncement,
     RoundConfig,
 )
+from protocol.messages.variants import VariantChoice
 from protocol.topics import Topics
 from protocol.updates import decode_weights
 from runtime.mqtt import MqttLink
@@ -86,6 +88,9 @@ class TrainableServingModel:
 class FederatedIO:
     """Data, blobs and swaps for :class:`~agent.federated.FederatedClient`, which mixes it in."""
 
+    # The variant served now, why, and what was measured of each (for the agent's status).
+    variant_choice: VariantChoice | None = None
+
     if TYPE_CHECKING:  # what the FederatedClient that mixes this in provides
 
         def _resend(self, number: int) -> None: ...
@@ -108,6 +113,8 @@ class FederatedIO:
         # The last prepared (unaugmented) dataset and its key; the serving models by turn.
         _dataset_cache: tuple[object, tuple[np.ndarray, np.ndarray, list[str]]] | None
         _serving_models: tuple[object, list[TrainableServingModel]] | None
+        _report_error: Callable[[str, str], None]
+        variant: VariantPolicy
 
     def dataset(
         self, release: ModelRelease, *, augment_seed: int | None = None
@@ -272,6 +279,27 @@ class FederatedIO:
                 self._on_swap(served)
                 logger.info("now serving fleet model %s (float32 variant)", release.version)
                 return
+        if release.variants:
+            picked = choose_variant(
+                release,
+                fetch=self.fetch,
+                samples=self.dataset(release),
+                policy=self.variant.policy,
+                within_points=self.variant.within_points,
+                report_error=self._report_error,
+            )
+            self.variant_choice = picked.choice
+            self._serving_round = release.round
+            self._on_swap(
+                ServingModel(
+                    model=picked.model,
+                    spec=release.preprocess,
+                    version=release.version,
+                    labels=release.labels,
+                    classifier=True,
+                )
+            )
+            return
         model = self._idle_serving_model(release)
         model.load(decode_weights(self.fetch(release.weights)))
         expected = (

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from fedge.commands.common import console
+from fedge.commands.common import broker_options, console
 
 __all__ = ["model_group"]
 
@@ -18,6 +18,7 @@ def model_group() -> None:
     \b
     Examples:
       fedge model merge door.tflite parcel.tflite --out both.tflite
+      fedge model card r12
     """
 
 
@@ -68,3 +69,68 @@ def merge(models: tuple[Path, ...], out_path: Path) -> None:
         console.print(
             f"  {head.name}: {', '.join(head.labels) or f'{head.weights[-1].size} classes'}"
         )
+
+
+@model_group.command("card")
+@broker_options
+@click.argument("version")
+@click.option(
+    "--coordinator-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    envvar="FEDGE_COORDINATOR_KEY",
+    help="The coordinator's public key: check the release's signature.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the card as JSON.")
+def card(
+    broker_url: str,
+    *,
+    username: str | None,
+    password: str | None,
+    ca_file: Path | None,
+    fleet: str,
+    topic_root: str,
+    version: str,
+    coordinator_key: Path | None,
+    as_json: bool,
+) -> None:
+    """Print the model card of release VERSION: its variants with size, gzip size,
+    sparsity, accuracy (central and on the agents' samples) and the invoke latency the
+    agents that serve it measured (p50/p95, median over agents).
+
+    \b
+    Examples:
+      fedge model card r12
+      fedge model card r12 --json --coordinator-key keys/coordinator.pub
+    """
+    import json
+
+    from coordinator.model_card import card_table_markdown
+    from fedge.control.model_card import read_model_card
+    from protocol.topics import Topics
+    from runtime.mqtt import parse_broker_url
+
+    release, rows, verified = read_model_card(
+        parse_broker_url(broker_url, username=username, password=password, ca_file=ca_file),
+        Topics(root=topic_root, fleet=fleet),
+        version,
+        coordinator_key=coordinator_key,
+    )
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "version": release.version,
+                    "round": release.round,
+                    "signature_checked": verified,
+                    "variants": [row.to_json() for row in rows],
+                },
+                indent=2,
+            )
+        )
+        return
+    checked = "signature checked" if verified else "signature not checked (no --coordinator-key)"
+    console.print(
+        f"model card of {release.version} ({release.model_name}, round {release.round}; {checked})"
+    )
+    click.echo(card_table_markdown(rows))

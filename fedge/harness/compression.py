@@ -8,24 +8,31 @@ side and compare the last releases.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.model_card import CardRow
 from coordinator.pruning import PruningSchedule
 from coordinator.rounds import RoundPlan
+from fedge.control.model_card import read_model_card
 from fedge.harness.federation import federation
 from protocol.messages.rounds import ModelRelease, RoundConfig
 from protocol.topics import Topics
+from runtime.mqtt import parse_broker_url
 
-__all__ = ["CompressionRun", "digits_plan", "run_digits"]
+__all__ = ["CompressionRun", "digits_plan", "run_digits", "wait_for_card"]
+
+CARD_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
 class CompressionRun:
-    """What a run ended with: its last release, every round's metrics."""
+    """What a run ended with: its last release, its card, every round's metrics."""
 
     release: ModelRelease
+    card: list[CardRow]
     rounds: list[dict[str, Any]]
     agent_logs_clean: bool
 
@@ -57,8 +64,27 @@ def run_digits(
         text = coordinator.state.release_json(version or "")
         if text is None:
             raise AssertionError(f"no release {version}")
+        release = ModelRelease.model_validate_json(text)
         return CompressionRun(
-            release=ModelRelease.model_validate_json(text),
+            release=release,
+            card=wait_for_card(broker, topics, release.version, agents=agents),
             rounds=[dict(o.metrics, round=o.round) for o in outcomes],
             agent_logs_clean=all("Traceback" not in agent.log() for agent in fed.agents),
         )
+
+
+def wait_for_card(
+    broker: Any, topics: Topics, version: str, *, agents: int, timeout_s: float = CARD_TIMEOUT_S
+) -> list[CardRow]:
+    """The release's card once every agent serves it and has measured its variants."""
+    address = parse_broker_url(
+        broker.url,
+        username=getattr(broker, "username", None),
+        password=getattr(broker, "password", None),
+    )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _, rows, _ = read_model_card(address, topics, version)
+        if sum(row.agents_serving for row in rows) >= agents or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)  # agents measure after they swap the release in; polling their status

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from protocol.messages.base import Id, Message, NonNegativeFloat, ShortText
+from protocol.messages.variants import VariantChoice
 
 __all__ = [
     "AgentState",
@@ -67,6 +68,8 @@ class AgentStatus(Message):
     # A blob whose retained chunks stopped coming (a broker that lost them): its owner,
     # the coordinator, publishes them again.
     stalled_blob: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    # The release variant it serves, why, and each variant's latency and accuracy here.
+    variant: VariantChoice | None = None
 
 
 class Prediction(Message):
