@@ -60,12 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--target", type=float, default=0.6)
     parser.add_argument(
+        "--end-round", type=int, default=None, help="round the target is reached (2/3 of rounds)"
+    )
+    parser.add_argument(
         "--workdir", type=Path, default=Path(f"/tmp/fedge-compress-{uuid.uuid4().hex[:6]}")
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     schedule = PruningSchedule(
-        target=args.target, start_round=min(2, args.rounds), end_round=max(2, args.rounds * 2 // 3)
+        target=args.target,
+        start_round=min(2, args.rounds),
+        end_round=args.end_round or max(2, args.rounds * 2 // 3),
     )
     runs: dict[str, CompressionRun] = {}
     seconds: dict[str, float] = {}
