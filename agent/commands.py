@@ -139,6 +139,8 @@ class AgentCommands:
         counts = self.intake.counts
         return {
             "model_version": self.serving.version if self.serving else None,
+            # The served .tflite's hash (None for a model served in parts, backbone then head).
+            "model_sha256": getattr(self.serving.model, "sha256", None) if self.serving else None,
             "received": counts.received,
             "processed": counts.processed,
             "dropped_stale": counts.dropped_stale,

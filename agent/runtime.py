@@ -23,6 +23,7 @@ in the interpreter's order.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.metadata
 import logging
@@ -253,6 +254,11 @@ class TfliteModel:
     @property
     def size_bytes(self) -> int:
         return len(self._content)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The model file's sha256: which release blob (or file) is being served."""
+        return hashlib.sha256(self._content).hexdigest()
 
     def op_output_positions(self, op_name: str) -> tuple[int, ...] | None:
         """Where the outputs of the model's ``op_name`` op sit in :meth:`predict`'s order.
