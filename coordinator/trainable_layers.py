@@ -11,8 +11,9 @@ op is a Flex op, found by converting each with ``TFLITE_BUILTINS`` only):
   gradient is written as a forward ``conv2d`` of the input (batch and channels swapped) with
   the upstream gradient as the filter, dilated by the stride (a builtin ``CONV_2D``).
 - ``DepthwiseConv2D``: ``DepthwiseConv2dNativeBackprop{Input,Filter}`` are both Flex, so the
-  depthwise kernel is spread into a block-diagonal full kernel (exact zeros elsewhere) and run
-  through the convolution above. It costs ``channels`` times the multiply-adds.
+  builtin ``DEPTHWISE_CONV_2D`` gets a custom gradient made of depthwise convolutions too: the
+  kernel's from the input with the batch folded into channels (dilated by the stride), the
+  input's from the upstream gradient (zeros spread in for a stride) and the flipped kernel.
 - ``MaxPooling2D`` / ``AveragePooling2D``: ``MaxPoolGrad`` and ``AvgPoolGrad`` are Flex.
   Non-overlapping windows are a reshape and a max (or sum) over the window axes; overlapping
   ones gather each window with a constant one-hot convolution first. 'valid' crops the
@@ -47,6 +48,7 @@ from coordinator.trainable_ops import (
     activate,
     activation_name,
     conv,
+    depthwise,
     real_counts,
     unsupported,
     window_copier,
@@ -194,17 +196,13 @@ class Translator:
         window, stride, paddings, (out_h, out_w), activation, kernel_at, bias_at = (
             self._conv_kernel_layer(layer, last)
         )
+        del window
         channels = self.shape[2]
         multiplier = int(layer.depth_multiplier)
-        kh, kw = window
-        # Output channel c * multiplier + m reads input channel c only, as depthwise does.
-        diagonal = np.eye(channels, dtype=np.float32).reshape(1, 1, channels, channels, 1)
 
         def run(tf: Any, ws: Sequence[Any], x: Any, training: bool) -> Any:
             del training
-            spread = tf.reshape(ws[kernel_at], [kh, kw, channels, 1, multiplier]) * diagonal
-            full = tf.reshape(spread, [kh, kw, channels, channels * multiplier])
-            z = conv(tf, tf.pad(x, paddings), full, stride)
+            z = depthwise(tf, tf.pad(x, paddings), ws[kernel_at], stride)
             if bias_at is not None:
                 z = z + ws[bias_at]
             return activate(tf, z, activation)

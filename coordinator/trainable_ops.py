@@ -18,6 +18,7 @@ __all__ = [
     "activate",
     "activation_name",
     "conv",
+    "depthwise",
     "real_counts",
     "unsupported",
     "window_copier",
@@ -118,3 +119,63 @@ def real_counts(
     cols = [c * stride[1] for c in range(out_w)]
     counts = [[real[r : r + kh, c : c + kw].sum() for c in cols] for r in rows]
     return np.array(counts, np.float32).reshape(out_h, out_w, 1)
+
+
+def _spread(tf: Any, g: Any, stride: int, axis: int) -> Any:
+    """``stride - 1`` zeros after each entry along ``axis`` (1 or 2), the last ones cut."""
+    if stride == 1:
+        return g
+    spread = tf.stack([g] + [tf.zeros_like(g)] * (stride - 1), axis=axis + 1)
+    shape = tf.shape(g)
+    if axis == 1:
+        target = [shape[0], shape[1] * stride, shape[2], shape[3]]
+        size = [-1, (g.shape[1] - 1) * stride + 1, -1, -1]
+    else:
+        target = [shape[0], shape[1], shape[2] * stride, shape[3]]
+        size = [-1, -1, (g.shape[2] - 1) * stride + 1, -1]
+    return tf.slice(tf.reshape(spread, target), [0, 0, 0, 0], size)
+
+
+def depthwise(tf: Any, x: Any, kernel: Any, stride: tuple[int, int]) -> Any:
+    """'VALID' ``depthwise_conv2d`` whose gradients are builtin TFLite ops.
+
+    Both of TensorFlow's depthwise backprops are Flex. The kernel's gradient is a depthwise
+    convolution of the input (batch folded into channels) with the upstream gradient as the
+    kernel, dilated by the stride; the input's is a depthwise convolution of the upstream
+    gradient (zeros between its entries for a stride, padded) with the flipped kernel.
+    """
+
+    @tf.custom_gradient  # type: ignore[untyped-decorator]
+    def convolve(x: Any, kernel: Any) -> Any:
+        def grad(upstream: Any) -> tuple[Any, Any]:
+            kh, kw, channels, multiplier = (int(d) for d in kernel.shape)
+            height, width = int(x.shape[1]), int(x.shape[2])
+            out_h, out_w = int(upstream.shape[1]), int(upstream.shape[2])
+            # d_kernel[i, j, c, m] = sum over n, r, s of x[n, r*st + i, s*st + j, c] *
+            # upstream[n, r, s, c*M + m]: channels (c, n) of one image, kernel (r, s, (c, n), m).
+            folded = tf.reshape(tf.transpose(x, [1, 2, 3, 0]), [1, height, width, -1])
+            up = tf.reshape(upstream, [-1, out_h, out_w, channels, multiplier])
+            up_kernel = tf.reshape(
+                tf.transpose(up, [1, 2, 3, 0, 4]), [out_h, out_w, -1, multiplier]
+            )
+            d_k = tf.nn.depthwise_conv2d(
+                folded, up_kernel, [1, 1, 1, 1], "VALID", dilations=list(stride)
+            )
+            d_k = tf.reshape(d_k[:, :kh, :kw, :], [kh, kw, channels, -1, multiplier])
+            d_k = tf.reduce_sum(d_k, axis=3)
+            # d_x: the full correlation of the spread gradient with the flipped kernel.
+            spread = _spread(tf, _spread(tf, upstream, stride[0], 1), stride[1], 2)
+            extra_h = height - ((out_h - 1) * stride[0] + kh)
+            extra_w = width - ((out_w - 1) * stride[1] + kw)
+            padded = tf.pad(
+                spread, [[0, 0], [kh - 1, kh - 1 + extra_h], [kw - 1, kw - 1 + extra_w], [0, 0]]
+            )
+            flipped = tf.reshape(tf.reverse(kernel, [0, 1]), [kh, kw, channels * multiplier, 1])
+            d_x = tf.nn.depthwise_conv2d(padded, flipped, [1, 1, 1, 1], "VALID")
+            d_x = tf.reduce_sum(tf.reshape(d_x, [-1, height, width, channels, multiplier]), 4)
+            return d_x, d_k
+
+        strides = [1, stride[0], stride[1], 1]
+        return tf.nn.depthwise_conv2d(x, kernel, strides, "VALID"), grad
+
+    return convolve(x, kernel)
