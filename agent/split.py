@@ -38,6 +38,7 @@ __all__ = ["LowerPart", "SplitWorker", "TopPart", "main"]
 _log = logging.getLogger(__name__)
 
 GRADIENT_TIMEOUT_S = 10.0
+AVERAGE_TIMEOUT_S = 120.0  # the slowest agent of the round has to finish first
 CONNECT_TIMEOUT_S = 10.0
 MAX_RESENDS = 3
 
@@ -52,7 +53,7 @@ class LowerPart:
         try:
             self._runners = {
                 name: interpreter.get_signature_runner(name)
-                for name in ("forward", "backward", "get_weights")
+                for name in ("forward", "backward", "get_weights", "set_weights")
             }
         except ValueError as exc:
             raise ModelError(f"not a split lower part: {exc}", reason="not_split") from exc
@@ -66,6 +67,9 @@ class LowerPart:
     def weights(self) -> dict[str, FloatArray]:
         return {k: np.asarray(v) for k, v in self._runners["get_weights"]().items()}
 
+    def set_weights(self, weights: dict[str, FloatArray]) -> None:
+        self._runners["set_weights"](**weights)
+
 
 class TopPart:
     """A U-shaped split's last layers (``coordinator.split_ushape`` builds them)."""
@@ -74,7 +78,8 @@ class TopPart:
         interpreter = load_interpreter_class().interpreter_class(model_content=model)
         try:
             self._runners = {
-                name: interpreter.get_signature_runner(name) for name in ("train", "get_weights")
+                name: interpreter.get_signature_runner(name)
+                for name in ("train", "get_weights", "set_weights")
             }
         except ValueError as exc:
             raise ModelError(f"not a split top part: {exc}", reason="not_split") from exc
@@ -88,6 +93,9 @@ class TopPart:
         """``t0``, ``t1``...: named apart from the lower part's ``w0``, ``w1``..."""
         found = self._runners["get_weights"]()
         return {f"t{k[1:]}": np.asarray(v) for k, v in found.items()}
+
+    def set_weights(self, weights: dict[str, FloatArray]) -> None:
+        self._runners["set_weights"](**{f"w{k[1:]}": v for k, v in weights.items()})
 
 
 class SplitWorker:
@@ -108,11 +116,15 @@ class SplitWorker:
         self._receiver = SplitReceiver()
         self.gradients: queue.Queue[tuple[BatchId, FloatArray]] = queue.Queue()
         self.middles: queue.Queue[tuple[BatchId, FloatArray]] = queue.Queue()
+        self.starts: queue.Queue[tuple[BatchId, dict[str, FloatArray]]] = queue.Queue()
         self.losses: list[float] = []
 
     def subscriptions(self) -> list[str]:
         """What this worker reads: gradients, and the middle's outputs when it is U-shaped."""
-        filters = [self._topics.agent_split_downloads(self._agent)]
+        filters = [
+            self._topics.agent_split_downloads(self._agent),
+            self._topics.agent_split_starts(self._agent),
+        ]
         if self._top is not None:
             filters.append(self._topics.agent_split_middles(self._agent))
         return filters
@@ -124,7 +136,7 @@ class SplitWorker:
                 return
             batch = BatchId(parsed.round, parsed.agent, parsed.step)
             direction = parsed.direction or ""
-            if direction not in {"down", "mid"}:
+            if direction not in {"down", "mid", "start"}:
                 return
             if parsed.kind is TopicKind.SPLIT_MANIFEST:
                 done = self._receiver.add_manifest(batch, direction, payload)
@@ -139,6 +151,8 @@ class SplitWorker:
             self.gradients.put((done[0], done[2]["grad"]))
         elif done is not None and direction == "mid" and "activations" in done[2]:
             self.middles.put((done[0], done[2]["activations"]))
+        elif done is not None and direction == "start":
+            self.starts.put((done[0], done[2]))
 
     def _send(self, messages: list[tuple[str, bytes]]) -> None:
         for topic, payload in messages:
@@ -163,6 +177,28 @@ class SplitWorker:
             done = self._topics.split_done(batch.round, batch.agent, batch.step)
             self._send([(done, b"")])
             _log.info("split batch %s applied", batch)
+
+    def federate(self, round_number: int, batches: int) -> dict[str, FloatArray]:
+        """SplitFed's averaging: send this agent's part, start from the fleet's average.
+
+        Returns the part as it was before averaging.
+        """
+        own = self.weights()
+        batch = BatchId(round_number, self._agent, batches)
+        self._send(split_messages(self._topics, batch, "lower", own))
+        wanted = BatchId(round_number + 1, self._agent, 0)
+        while True:
+            try:
+                got, averaged = self.starts.get(timeout=AVERAGE_TIMEOUT_S)
+            except queue.Empty as exc:
+                raise TransportError(f"no averaged part for round {round_number + 1}") from exc
+            if got == wanted:
+                break
+        self._lower.set_weights({k: v for k, v in averaged.items() if k.startswith("w")})
+        if self._top is not None:
+            self._top.set_weights({k: v for k, v in averaged.items() if k.startswith("t")})
+        _log.info("round %d: starting round %d from the averaged part", round_number, got.round)
+        return own
 
     def weights(self) -> dict[str, FloatArray]:
         """The lower part's weights (``w0``...), then the top part's (``t0``...), if any."""
@@ -197,6 +233,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--agent", required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--top", type=Path, help="a U-shaped split's top .tflite (labels stay)")
+    parser.add_argument(
+        "--federate", action="store_true", help="send the part at the end, start from the average"
+    )
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--round", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -229,8 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         link.wait_connected(CONNECT_TIMEOUT_S)
         worker["w"].run(args.round, x, y, args.lr)
-        losses = np.asarray(worker["w"].losses, dtype=np.float32)
-        np.savez(args.out, losses=losses, **worker["w"].weights())  # type: ignore[arg-type]
+        saved = {"losses": np.asarray(worker["w"].losses, dtype=np.float32)}
+        if args.federate:
+            own = worker["w"].federate(args.round, len(x))
+            saved |= {f"local_{name}": value for name, value in own.items()}
+        np.savez(args.out, **saved, **worker["w"].weights())  # type: ignore[arg-type]
     finally:
         link.stop()
         outbox.close()

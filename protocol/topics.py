@@ -325,6 +325,14 @@ class Topics:
         """Filter for every agent's gradient at the top cut (U-shaped splits)."""
         return f"{self._work}/split/+/+/+/back/#"
 
+    def all_split_lowers(self) -> str:
+        """Filter for every agent's part at the end of its round (SplitFed's averaging)."""
+        return f"{self._work}/split/+/+/+/lower/#"
+
+    def agent_split_starts(self, agent: str) -> str:
+        """Filter for the averaged part one agent starts its next round from."""
+        return f"{self._work}/split/+/{validate_id(agent, what='agent id')}/+/start/#"
+
     def agent_split_middles(self, agent: str) -> str:
         """Filter for the middle part's outputs sent to one agent (U-shaped splits)."""
         return f"{self._work}/split/+/{validate_id(agent, what='agent id')}/+/mid/#"
@@ -397,8 +405,9 @@ _COORDINATOR_LEAVES = {
     "events": TopicKind.COORDINATOR_EVENTS,
 }
 
-# up and down for every split; mid and back too for a U-shaped one (labels stay on the agent)
-_SPLIT_DIRECTIONS = frozenset({"up", "down", "mid", "back"})
+# up and down for every split; mid and back too for a U-shaped one (labels stay on the agent);
+# lower (an agent's part after its round) and start (their average, for the next round)
+_SPLIT_DIRECTIONS = frozenset({"up", "down", "mid", "back", "lower", "start"})
 # Topics every task shares; the rest (rounds, models, blobs, updates) are per task.
 _FLEET_KINDS = frozenset(
     {*_AGENT_LEAVES.values(), *_COORDINATOR_LEAVES.values(), TopicKind.CAMERA_FRAMES}

@@ -39,6 +39,8 @@ def _agent(
     y: Any,
     *,
     top: bytes | None = None,
+    agent_id: str = "pi-1",
+    federate: bool = False,
 ) -> subprocess.Popen[bytes]:
     (tmp_path / "lower.tflite").write_bytes(model)
     np.savez(tmp_path / "data.npz", x=x, y=y)
@@ -46,10 +48,12 @@ def _agent(
     env["PYTHONPATH"] = os.pathsep.join([str(no_tensorflow_path(tmp_path / "site")), os.getcwd()])
     command = [
         sys.executable, "-m", "agent.split", "--broker", broker, "--root", topics.root,
-        "--fleet", topics.fleet, "--agent", "pi-1", "--model", str(tmp_path / "lower.tflite"),
+        "--fleet", topics.fleet, "--agent", agent_id, "--model", str(tmp_path / "lower.tflite"),
         "--data", str(tmp_path / "data.npz"), "--lr", str(LR), "--outbox",
         str(tmp_path / "outbox.db"), "--out", str(tmp_path / "weights.npz"),
     ]  # fmt: skip
+    if federate:  # SplitFed's averaging of the agents' parts at the end of the round
+        command.append("--federate")
     if top is not None:  # U-shaped: the agent keeps the last layers, and its labels
         (tmp_path / "top.tflite").write_bytes(top)
         command += ["--top", str(tmp_path / "top.tflite")]
