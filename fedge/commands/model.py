@@ -19,6 +19,7 @@ def model_group() -> None:
     Examples:
       fedge model merge door.tflite parcel.tflite --out both.tflite
       fedge model card r12
+      fedge model export r12 --out door.tflite
     """
 
 
@@ -134,3 +135,68 @@ def card(
         f"model card of {release.version} ({release.model_name}, round {release.round}; {checked})"
     )
     click.echo(card_table_markdown(rows))
+
+
+@model_group.command("export")
+@broker_options
+@click.argument("version")
+@click.option(
+    "--variant", default="float32", show_default=True, help="Which serving variant to export."
+)
+@click.option(
+    "--out",
+    "out_path",
+    required=True,
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Where to write the .tflite.",
+)
+@click.option(
+    "--coordinator-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    envvar="FEDGE_COORDINATOR_KEY",
+    help="The coordinator's public key: check the release's signature.",
+)
+def export(
+    broker_url: str,
+    *,
+    username: str | None,
+    password: str | None,
+    ca_file: Path | None,
+    fleet: str,
+    topic_root: str,
+    version: str,
+    variant: str,
+    out_path: Path,
+    coordinator_key: Path | None,
+) -> None:
+    """Write the serving model of release VERSION (the file agents serve) to a .tflite.
+
+    Its bytes come from the release's retained chunks and are checked against the sha256
+    the release names. A transfer release's float32 model is what `fedge model merge` takes.
+
+    \b
+    Examples:
+      fedge model export r12 --out door.tflite
+      fedge model export r12 --variant int8 --out door-int8.tflite --fleet home
+    """
+    from fedge.control.model_export import fetch_variant
+    from protocol.errors import ConfigError
+    from protocol.topics import Topics
+    from runtime.mqtt import parse_broker_url
+
+    release, chosen, data = fetch_variant(
+        parse_broker_url(broker_url, username=username, password=password, ca_file=ca_file),
+        Topics(root=topic_root, fleet=fleet),
+        version,
+        variant,
+        coordinator_key=coordinator_key,
+    )
+    try:
+        out_path.write_bytes(data)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {out_path}: {exc.strerror}") from exc
+    console.print(
+        f"{out_path}: release {release.version} variant {chosen.name} "
+        f"({chosen.quantization}), {len(data)} bytes, sha256 {chosen.blob.sha256[:12]}"
+    )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from agent.head import HeadTrainer
 from agent.preprocess import decode_image, prepare_input
@@ -22,6 +23,7 @@ from agent.transfer_task import Backbone
 from coordinator.rounds import RoundPlan
 from coordinator.transfer_workload import TASK_LABELS, TransferWorkload, write_transfer_workload
 from coordinator.variants import quantize_int8
+from fedge.cli import cli
 from fedge.harness.federation import federation
 from fedge.harness.transfer_task import folder_images
 from protocol.messages.agent import CommandAck, InferenceResult
@@ -93,6 +95,61 @@ def test_agents_serve_the_release_s_one_tflite_with_the_task_s_labels(
         assert np.mean(int8.argmax(1) == one.argmax(1)) >= INT8_AGREEMENT
 
         _check_served(mosquitto, topics, workload, release, float_model)
+        # `fedge model export` takes the served file off the broker, byte for byte.
+        exported = tmp_path / "served.tflite"
+        assert fed.key_paths is not None
+        credentials = [
+            arg
+            for flag, value in (
+                ("--username", mosquitto.username),
+                ("--password", mosquitto.password),
+            )
+            if value
+            for arg in (flag, value)
+        ]
+        result = CliRunner().invoke(
+            cli,
+            [
+                "model",
+                "export",
+                release.version,
+                "--out",
+                str(exported),
+                "--broker",
+                mosquitto.url,
+                "--fleet",
+                topics.fleet,
+                "--root",
+                topics.root,
+                "--coordinator-key",
+                str(fed.key_paths[1]),
+                *credentials,
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert exported.read_bytes() == float_model
+        missing = CliRunner().invoke(
+            cli,
+            [
+                "model",
+                "export",
+                release.version,
+                "--variant",
+                "pruned",
+                "--out",
+                str(tmp_path / "none.tflite"),
+                "--broker",
+                mosquitto.url,
+                "--fleet",
+                topics.fleet,
+                "--root",
+                topics.root,
+                *credentials,
+            ],
+        )
+        assert missing.exit_code == 2
+        assert "has no variant 'pruned' (its variants: float32, int8)" in missing.output
+
         served = _served_sha256(mosquitto, topics)
         assert served == {a.agent_id: release.variants[0].blob.sha256 for a in fed.agents}
         for agent in fed.agents:
