@@ -9,8 +9,9 @@ to two thirds of the rounds). Every release carries float32 and int8 (calibrated
 agents' activation ranges) and, pruned, ``pruned`` (TFLite sparse storage); agents measure
 each variant's invoke latency and accuracy on their own samples and serve the one their
 policy picks. Prints one model card table for both runs, the update bytes per agent in the
-last round, where the int8 bytes go, and writes JSON. The transfer task's releases carry
-one composed serving model without variants, so it has no card row here.
+last round, where the int8 bytes go, then a merged two-task model (two heads over the
+transfer workload's CNN backbone, :func:`fedge.harness.merge_latency.measure_merge`): one
+invoke against the two tasks' own models in turn; and writes JSON.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from coordinator.model_card import card_table_markdown
 from coordinator.pruning import PruningSchedule
 from fedge.harness.compression import CompressionRun, digits_plan, run_digits
+from fedge.harness.merge_latency import measure_merge, merge_backbones, task_heads
 from protocol.topics import Topics
 from runtime.mosquitto import MosquittoProcess, find_mosquitto
 
@@ -99,10 +103,20 @@ def main(argv: list[str] | None = None) -> int:
         f"\nupdate bytes per agent, last round: dense {up['dense']:,.0f}, "
         f"pruned {up['pruned']:,.0f} ({up['pruned'] / up['dense']:.2f}x)"
     )
+    backbone, side, features = merge_backbones()["workload CNN 64x64"]
+    frames = np.random.default_rng(0).uniform(0, 1, (100, side, side, 3)).astype(np.float32)
+    merged = measure_merge(backbone, task_heads(features, 2), frames)
+    print(
+        f"\nmerged two-task model (workload CNN 64x64, {merged.runs} runs of {merged.frames} "
+        f"frames): one invoke {merged.merged_ms:.3f} ms against the two models in turn "
+        f"{merged.separate_ms:.3f} ms ({merged.speedup:.2f}x), outputs differ by at most "
+        f"{merged.max_abs_diff:.1e}"
+    )
     result: dict[str, Any] = {
         "agents": args.agents,
         "rounds": args.rounds,
         "schedule": schedule.to_json(),
+        "merged_two_tasks": merged.as_dict(),
         "runs": {
             name: {
                 "seconds": seconds[name],

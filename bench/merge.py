@@ -16,51 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from coordinator.task_producers import head_initial_weights
-from coordinator.tflite_export import export_float_tflite
-from fedge.harness.merge_latency import MergeLatency, measure_merge
-from runtime.composition import Head
+from fedge.harness.merge_latency import MergeLatency, measure_merge, merge_backbones, task_heads
 
 __all__ = ["main"]
 
 DEFAULT_OUT = Path("bench/results/merge.json")
-TASKS = (("door", 3), ("parcel", 2), ("birds", 4))
-HIDDEN_UNITS = 64
-
-
-def _backbones() -> dict[str, tuple[bytes, int, int]]:
-    """name -> (.tflite, input side, features)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((64, 64, 3))
-    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
-    h = keras.layers.MaxPooling2D(2)(h)
-    h = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(h)
-    h = keras.layers.MaxPooling2D(2)(h)
-    h = keras.layers.Conv2D(64, 3, padding="same", activation="relu")(h)
-    cnn = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(h))
-    mobilenet = keras.applications.MobileNetV2(
-        input_shape=(96, 96, 3), alpha=0.35, include_top=False, weights=None
-    )
-    return {
-        "workload CNN 64x64": (export_float_tflite(cnn), 64, 64),
-        "MobileNetV2 0.35 96x96": (export_float_tflite(mobilenet), 96, 1280),
-    }
-
-
-def _heads(features: int, count: int) -> list[Head]:
-    return [
-        Head(name, tuple(head_initial_weights(features, (HIDDEN_UNITS,), classes, seed=i)))
-        for i, (name, classes) in enumerate(TASKS[:count])
-    ]
 
 
 def _row(backbone: str, m: MergeLatency) -> str:
@@ -81,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     results: list[dict[str, Any]] = []
     rows = []
-    for name, (tflite, side, features) in _backbones().items():
+    for name, (tflite, side, features) in merge_backbones().items():
         frames = rng.uniform(0, 1, (args.frames, side, side, 3)).astype(np.float32)
         for count in (2, 3):
-            measured = measure_merge(tflite, _heads(features, count), frames, runs=args.runs)
+            measured = measure_merge(tflite, task_heads(features, count), frames, runs=args.runs)
             rows.append(_row(name, measured))
             results.append({"backbone": name, **measured.as_dict()})
     print(

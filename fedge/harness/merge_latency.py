@@ -1,8 +1,8 @@
 """Merged against separate: the latency of one multi-head model next to its tasks in turn.
 
-Used by ``bench/merge.py``; a function, so any other benchmark that reports merging (a model
-card's) measures it the same way. For heads over one backbone, each task's own serving model
-is composed (:func:`runtime.composition.compose`), the tasks are merged
+Used by ``bench/merge.py`` and ``bench/compress.py``, so both measure merging the same way.
+For heads over one backbone, each task's own serving model is composed
+(:func:`runtime.composition.compose`), the tasks are merged
 (:func:`runtime.merging.merge_models`), and every frame goes through the merged model once
 and through the separate models one after another, interleaved frame by frame so that load
 on the machine falls on both alike. Latency is wall time of
@@ -11,6 +11,7 @@ on the machine falls on both alike. Latency is wall time of
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -20,10 +21,15 @@ from typing import Any
 import numpy as np
 
 from agent.runtime import TfliteModel
+from coordinator.task_producers import head_initial_weights
+from coordinator.tflite_export import export_float_tflite
 from runtime.composition import Head, compose
 from runtime.merging import merge_models
 
-__all__ = ["MergeLatency", "measure_merge"]
+__all__ = ["MergeLatency", "measure_merge", "merge_backbones", "task_heads"]
+
+TASKS = (("door", 3), ("parcel", 2), ("birds", 4))
+HIDDEN_UNITS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,3 +106,34 @@ def measure_merge(
         frames=len(frames),
         runs=runs,
     )
+
+
+def merge_backbones() -> dict[str, tuple[bytes, int, int]]:
+    """The benchmarks' backbones, Keras's seeded initial weights (latency does not depend on
+    the weights; nothing is downloaded): name -> (float .tflite, input side, features)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64, 64, 3))
+    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
+    h = keras.layers.MaxPooling2D(2)(h)
+    h = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(h)
+    h = keras.layers.MaxPooling2D(2)(h)
+    h = keras.layers.Conv2D(64, 3, padding="same", activation="relu")(h)
+    cnn = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(h))
+    mobilenet = keras.applications.MobileNetV2(
+        input_shape=(96, 96, 3), alpha=0.35, include_top=False, weights=None
+    )
+    return {
+        "workload CNN 64x64": (export_float_tflite(cnn), 64, 64),
+        "MobileNetV2 0.35 96x96": (export_float_tflite(mobilenet), 96, 1280),
+    }
+
+
+def task_heads(features: int, count: int) -> list[Head]:
+    """``count`` task heads (Dense 64 relu, then softmax over 3, 2 and 4 labels), seeded."""
+    return [
+        Head(name, tuple(head_initial_weights(features, (HIDDEN_UNITS,), classes, seed=i)))
+        for i, (name, classes) in enumerate(TASKS[:count])
+    ]
