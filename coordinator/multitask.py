@@ -66,13 +66,24 @@ class Leases:
             return tuple(self._needs)
 
     def grant(self, task: str) -> frozenset[str]:
-        """The agents ``task`` may select from now; held for it until it announces."""
+        """The agents ``task`` may select from now; held for it until it announces.
+
+        Its share of the assignment of every active task (the same whatever is busy, so a
+        task keeps its group from round to round), less the agents still in other tasks'
+        open rounds up to their budget: an agent moved to it waits for its old round.
+        """
         with self._lock:
             if task not in self._needs:
                 return frozenset()
-            busy = {t: agents for t, (agents, is_open) in self._held.items() if is_open()}
-            busy.pop(task, None)
-            mine = frozenset(self.assignment_locked(busy)[task])
+            held = [
+                agents for t, (agents, is_open) in self._held.items() if t != task and is_open()
+            ]
+            mine = frozenset(
+                agent
+                for agent in self._assignment_locked()[task]
+                if sum(agent in agents for agents in held)
+                < self._budget.get(agent, self._default_budget)
+            )
             # Until it announces, what it may pick is not anyone else's (a grant and an
             # announcement of another task never interleave on one agent).
             self._held[task] = (mine, lambda: True)
@@ -87,14 +98,12 @@ class Leases:
     def assignment(self) -> dict[str, tuple[str, ...]]:
         """The current assignment of every active task (for status views)."""
         with self._lock:
-            busy = {t: agents for t, (agents, is_open) in self._held.items() if is_open()}
-            return self.assignment_locked(busy)
+            return self._assignment_locked()
 
-    def assignment_locked(self, busy: Mapping[str, frozenset[str]]) -> dict[str, tuple[str, ...]]:
+    def _assignment_locked(self) -> dict[str, tuple[str, ...]]:
         return assign(
             list(self._needs.values()),
             self._registry.agents().values(),
-            busy=busy,
             budget=self._budget,
             default_budget=self._default_budget,
         )

@@ -43,7 +43,8 @@ def able_for(needs: TaskNeeds, agent: AgentInfo) -> bool:
     """True if ``agent`` can train ``needs.task`` now: capability and data."""
     if not (agent.online and agent.can_train):
         return False
-    if needs.trainers and not needs.trainers & set(agent.trainers):
+    # An agent that names no trainers is taken at its word, as the round's selection does.
+    if needs.trainers and agent.trainers and not needs.trainers & set(agent.trainers):
         return False
     return _samples(agent, needs.labels) >= needs.min_samples
 

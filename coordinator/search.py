@@ -176,7 +176,7 @@ def run_search(
         }
         for t in survivors:
             tasks.run(t.name).note = f"search rung {rung}: {t.describe()}"
-        outcomes = tasks.run_now(plans)
+        outcomes = tasks.run_now(plans, hold=True)
         result.fleet_rounds += rounds_per_rung
         scores = {t.name: score_of(outcomes[t.name]) for t in survivors}
         # Best score first; a trial with no score (no federated evaluation) last.

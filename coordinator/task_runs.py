@@ -105,6 +105,7 @@ class TaskRun:
         self.progress: dict[str, Any] = {}
         self._thread: threading.Thread | None = None
         self._pending: RoundPlan | None = None
+        self.keep_lease = False  # set by run_now(hold=True): its group waits for the others
         self._lock = threading.Lock()
         self.note: str | None = None  # what the task is for, e.g. a search's trial
         self.fleet.subscribe()
@@ -131,10 +132,13 @@ class TaskRun:
         return last is not None and last.state == "announced"
 
     def needs(self, plan: RoundPlan) -> TaskNeeds:
+        # The release names the trainers that can train it (a Keras model LiteRT cannot).
+        release = self.runner.current_release()
         return TaskNeeds(
             task=self.name,
             labels=frozenset(self.task.spec.labels),
             min_samples=plan.config.min_samples,
+            trainers=frozenset(release.trainers),
         )
 
     def prepare(self, plan: RoundPlan) -> None:
@@ -180,7 +184,8 @@ class TaskRun:
         except Exception:
             logger.exception("task %s: rounds failed", self.name)
         finally:
-            self._leases.leave(self.name)
+            if not self.keep_lease:
+                self._leases.leave(self.name)
             self.progress = {}
             if self._on_change is not None:
                 self._on_change()
@@ -272,19 +277,30 @@ class TaskRuns:
         run.start(plan)
         return run
 
-    def run_now(self, plans: Mapping[str, RoundPlan]) -> dict[str, list[RoundOutcome]]:
+    def run_now(
+        self, plans: Mapping[str, RoundPlan], *, hold: bool = False
+    ) -> dict[str, list[RoundOutcome]]:
         """Run several tasks' plans at once, in their own threads; each one's new outcomes.
 
         Every task takes its share of the fleet before any selects, so the first to start
-        does not take every agent for its first round.
+        does not take every agent for its first round. With ``hold``, a task that finishes
+        first keeps its share until all have finished, so every group stays the same size
+        from the first round to the last (a search's rung compares like with like).
         """
         runs = {name: self.run(name) for name in plans}
         before = {name: len(run.outcomes) for name, run in runs.items()}
         for name, run in runs.items():
+            run.keep_lease = hold
             run.prepare(plans[name])
         for run in runs.values():
             run.launch()
-        return {name: run.join()[before[name] :] for name, run in runs.items()}
+        try:
+            return {name: run.join()[before[name] :] for name, run in runs.items()}
+        finally:
+            for name, run in runs.items():
+                run.keep_lease = False
+                if not run.busy:
+                    self.leases.leave(name)
 
     def task(self, name: str) -> tuple[LoadedTask, Path | None]:
         with self._lock:

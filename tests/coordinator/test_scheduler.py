@@ -27,6 +27,7 @@ def test_an_agent_is_able_for_a_task_by_capability_and_data() -> None:
     keras_only = TaskNeeds("digits", DIGITS, trainers=frozenset({"keras"}))
     assert not able_for(keras_only, agent("a", {"3": 50}))
     assert able_for(keras_only, agent("a", {"3": 50}, trainers=("litert", "keras")))
+    assert able_for(keras_only, agent("a", {"3": 50}, trainers=()))  # taken at its word
 
 
 def test_agents_go_to_the_task_whose_labels_they_hold() -> None:
@@ -122,3 +123,24 @@ def test_every_assignment_is_disjoint_whatever_the_mix() -> None:
             assert set(result[name]) <= fits
         assigned = set(result["digits"]) | set(result["words"])
         assert assigned == {a.agent for a in agents if a.samples_by_label[0][0] != "bird"}
+
+
+def test_a_task_keeps_its_group_from_round_to_round_while_others_run() -> None:
+    agents = [agent(f"a{i}", {"1": 10 + i, "cat": 5 * i}) for i in range(5)]
+    registry = InMemoryFleet(known={a.agent: a for a in agents})
+    leases = Leases(registry)
+    names = ("t0", "t1", "t2")
+    for name in names:
+        leases.join(TaskNeeds(name, DIGITS))
+    is_open = dict.fromkeys(names, False)
+    first = {}
+    for name in names:
+        first[name] = leases.grant(name)
+        leases.announced(name, sorted(first[name]), lambda name=name: is_open[name])  # type: ignore[misc]
+        is_open[name] = True
+    assert sum(len(g) for g in first.values()) == 5
+    for name in names:  # each closes its round and selects again while the others run
+        is_open[name] = False
+        assert leases.grant(name) == first[name]
+        leases.announced(name, sorted(first[name]), lambda name=name: is_open[name])  # type: ignore[misc]
+        is_open[name] = True
