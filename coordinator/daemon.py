@@ -18,9 +18,9 @@ from coordinator.plans import plan_from_command
 from coordinator.private_rounds import REFUSED_REASON
 from coordinator.recovery import RetainedKeeper
 from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
-from coordinator.search import grid, search_from_options, start_search
 from coordinator.state import CoordinatorState
 from coordinator.status_feed import PrivacySpentReader, StatusPacer
+from coordinator.task_commands import start_task
 from coordinator.task_metrics import TaskMeter
 from coordinator.task_producers import make_producer
 from coordinator.task_resume import check_resumable
@@ -248,7 +248,9 @@ class Coordinator:
                     reason="starting",
                 )
             if command.task is not None:
-                return self._start_task(command)
+                if self.busy:
+                    raise FedgeError("the fleet's own rounds are running", reason="busy")
+                return start_task(self.tasks, command, record=self.state)
             plan = plan_from_command(command, defaults=self._round_defaults())
             # The fleet's own rounds take every agent: never beside a task's, which share them.
             if self.busy or self.tasks.busy:
@@ -272,33 +274,6 @@ class Coordinator:
             "round": self.state.last_round_number(),
             "busy": self.busy,
             "pong": isinstance(command, Ping),
-        }
-
-    def _start_task(self, command: StartRounds) -> dict[str, str | int | float | bool | None]:
-        task = command.task
-        assert task is not None
-        if self.busy:
-            raise FedgeError("the fleet's own rounds are running; stop them first", reason="busy")
-        self.tasks.run(task)  # an unknown task is refused before its options
-        space, rung_rounds, options = search_from_options(command.options)
-        command = command.model_copy(update={"options": options})
-        plan = plan_from_command(command, defaults=self.tasks.defaults(task))
-        if space:
-            start_search(
-                self.tasks,
-                task=task,
-                space=space,
-                base=plan,
-                rung_rounds=rung_rounds,
-                record=self.state,
-            )
-            return {"task": task, "rounds": plan.rounds, "search": len(grid(space))}
-        run = self.tasks.start(task, plan)
-        return {
-            "task": task,
-            "rounds": plan.rounds,
-            "strategy": plan.strategy,
-            "next_round": run.state.last_round_number() + 1,
         }
 
     def _round_defaults(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import itertools
 import logging
 import math
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,7 +35,7 @@ from coordinator.round_plan import RoundOutcome, RoundPlan
 from coordinator.state import CoordinatorState
 from coordinator.strategies import make_strategy
 from coordinator.task_runs import TaskRuns
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, FedgeError
 
 __all__ = [
     "SEARCH_PREFIX",
@@ -79,6 +80,7 @@ class SearchResult:
     winner: Trial | None = None
     fleet_rounds: int = 0  # rounds of the whole fleet: one per round of a rung, at once
     final: list[RoundOutcome] = field(default_factory=list)
+    stopped: bool = False  # a stop request ended it before a winner
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,6 +90,7 @@ class SearchResult:
             "winner": self.winner.name if self.winner else None,
             "winner_options": self.winner.options if self.winner else None,
             "fleet_rounds": self.fleet_rounds,
+            "stopped": self.stopped,
         }
 
 
@@ -159,6 +162,7 @@ def run_search(
     record: CoordinatorState | None = None,
 ) -> SearchResult:
     """Search ``space`` for ``task`` by successive halving; then the winner trains alone."""
+    started = time.monotonic()
     loaded = tasks.task(task)
     trials = [Trial(f"{task}.t{i}", options) for i, options in enumerate(grid(space))]
     for trial in trials:
@@ -176,7 +180,16 @@ def run_search(
         }
         for t in survivors:
             tasks.run(t.name).note = f"search rung {rung}: {t.describe()}"
+        if tasks.stopped_since(task, started):
+            result.stopped = True
+            _save(record, result)
+            return result
         outcomes = tasks.run_now(plans, hold=True)
+        if tasks.stopped_since(task, started):
+            result.stopped = True
+            _save(record, result)
+            logger.warning("search of %s stopped in rung %d", task, rung)
+            return result
         result.fleet_rounds += rounds_per_rung
         scores = {t.name: score_of(outcomes[t.name]) for t in survivors}
         # Best score first; a trial with no score (no federated evaluation) last.
@@ -289,9 +302,12 @@ def start_search(
                 final_rounds=final_rounds,
                 record=record,
             )
+        except FedgeError as exc:
+            logger.warning("search of %s ended: %s", task, exc)
         except Exception:
             logger.exception("search of %s failed", task)
 
     thread = threading.Thread(target=search, name=f"search-{task}", daemon=True)
+    tasks.track(thread)
     thread.start()
     return thread

@@ -236,6 +236,9 @@ class TaskRuns:
         self._known = load_tasks(config.tasks)
         self._runs: dict[str, TaskRun] = {}
         self._lock = threading.Lock()
+        self._stopped_at: dict[str, float] = {}  # task (or "*": all) -> when a stop came
+        self._threads: list[threading.Thread] = []  # searches running
+        self.closing = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -287,11 +290,14 @@ class TaskRuns:
         first keeps its share until all have finished, so every group stays the same size
         from the first round to the last (a search's rung compares like with like).
         """
+        started = time.monotonic()
         runs = {name: self.run(name) for name in plans}
         before = {name: len(run.outcomes) for name, run in runs.items()}
         for name, run in runs.items():
             run.keep_lease = hold
             run.prepare(plans[name])
+            if self.stopped_since(name, started):  # a stop while it was being prepared
+                run.stop("stopped before its first round")
         for run in runs.values():
             run.launch()
         try:
@@ -317,7 +323,21 @@ class TaskRuns:
     @property
     def busy(self) -> bool:
         with self._lock:
-            return any(run.busy for run in self._runs.values())
+            searching = any(thread.is_alive() for thread in self._threads)
+            return searching or any(run.busy for run in self._runs.values())
+
+    def track(self, thread: threading.Thread) -> None:
+        """A search's thread: the tasks are busy while it lives; close() waits for it."""
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+
+    def stopped_since(self, name: str, since: float) -> bool:
+        """A stop for ``name`` (its own, its search's task's, or everyone's) after ``since``."""
+        with self._lock:
+            return self.closing or any(
+                at > since and (key in {"*", name} or name.startswith(f"{key}.t"))
+                for key, at in self._stopped_at.items()
+            )
 
     def on_message(self, topic: str, payload: bytes) -> None:
         try:
@@ -347,16 +367,29 @@ class TaskRuns:
                 run.fleet.announce(announcement)
 
     def stop(self, name: str | None = None, why: str | None = None) -> bool:
-        """Stop one task's rounds (or all); True if any was running."""
+        """Stop one task's rounds and its search's trials (or all); True if any was running."""
         with self._lock:
-            runs = [r for n, r in self._runs.items() if name is None or n == name]
+            self._stopped_at[name or "*"] = time.monotonic()
+            searching = any(
+                t.is_alive() and (name is None or t.name == f"search-{name}") for t in self._threads
+            )
+            runs = [
+                r
+                for n, r in self._runs.items()
+                if name is None or n == name or n.startswith(f"{name}.t")
+            ]
         for run in runs:
             run.stop(why)
-        return any(run.busy for run in runs)
+        return searching or any(run.busy for run in runs)
 
     def close(self, timeout_s: float = 30.0) -> None:
+        self.closing = True
         self.stop(why="the coordinator stops")
         deadline = time.monotonic() + timeout_s
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:
