@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 COMMAND_TYPES = (StartRounds, StopRounds, Ping, RequestStatus)
 MAX_COMMAND_BYTES = 64 * 1024
+OUTCOMES_KEPT = 256  # in memory, for months of rounds; the state keeps every one
 
 
 class Coordinator:
@@ -96,7 +98,7 @@ class Coordinator:
         self._progress: dict[str, Any] = {}
         self._privacy = PrivacySpentReader()
         self._pacer = StatusPacer()
-        self.outcomes: list[RoundOutcome] = []
+        self.outcomes: deque[RoundOutcome] = deque(maxlen=OUTCOMES_KEPT)
         self.keeper = RetainedKeeper(
             current_manifest_topic=self._current_manifest_topic,
             republish=self._republish_retained,
