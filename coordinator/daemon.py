@@ -17,7 +17,7 @@ from coordinator.metrics import RoundMeter
 from coordinator.mqtt_fleet import MqttFleet
 from coordinator.plans import plan_from_command
 from coordinator.private_rounds import REFUSED_REASON
-from coordinator.recovery import RetainedKeeper
+from coordinator.recovery import RetainedKeeper, expected_retained
 from coordinator.rounds import RoundOutcome, RoundPlan, RoundRunner
 from coordinator.state import CoordinatorState
 from coordinator.status_feed import PrivacySpentReader, StatusPacer
@@ -100,7 +100,7 @@ class Coordinator:
         self._pacer = StatusPacer()
         self.outcomes: deque[RoundOutcome] = deque(maxlen=OUTCOMES_KEPT)
         self.keeper = RetainedKeeper(
-            current_manifest_topic=self._current_manifest_topic,
+            expected_retained=lambda: expected_retained(self.state, self.runner, self.topics),
             republish=self._republish_retained,
             resend_blob=self._resend_blob,
         )
@@ -193,10 +193,6 @@ class Coordinator:
         self._publish_status(self._phase())
         if self._ready.is_set():  # start() publishes the release after the first connect
             self.keeper.on_connected(session_present)
-
-    def _current_manifest_topic(self) -> str | None:
-        version = self.state.get("current_version")
-        return self.topics.model_manifest(version) if version else None
 
     def _resend_blob(self, digest: str) -> bool:
         """A blob of ours an agent could not fetch, published again; False if not ours."""

@@ -85,6 +85,7 @@ class MqttFleet(Fleet):
         # Our own retained releases come back on every (re)subscribe: proof the broker
         # still has them (coordinator.recovery).
         self.link.subscribe(self.topics.all_model_manifests(), qos=1)
+        self.link.subscribe(self.topics.round_current(), qos=1)
         self.link.subscribe(self.topics.all_secagg_from_agents(), qos=1)
 
     def republish_blob(self, digest: str, data: bytes) -> None:
@@ -117,7 +118,10 @@ class MqttFleet(Fleet):
             self._on_command(topic, payload)
         elif parsed.kind in {TopicKind.UPDATE_CHUNK, TopicKind.UPDATE_MANIFEST}:
             self._on_update_message(parsed, topic, payload)
-        elif parsed.kind is TopicKind.MODEL_MANIFEST and self.on_own_retained is not None:
+        elif (
+            parsed.kind in {TopicKind.MODEL_MANIFEST, TopicKind.ROUND_CURRENT}
+            and self.on_own_retained is not None
+        ):
             self.on_own_retained(topic, payload)
         elif parsed.kind is TopicKind.SECAGG_AGENT:
             self._secagg.put(

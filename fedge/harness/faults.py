@@ -4,12 +4,14 @@
 broker, with two threads per connection (one per direction). ``hold_upstream()`` makes it
 swallow what clients send from then on (the bytes are counted and never delivered), while
 the broker's traffic still reaches the clients: the broker never sees a PUBLISH, so it
-never acknowledges it. With a :class:`fedge.harness.links.LinkProfile` every connection goes
-through a slow or lossy link instead (latency, jitter, bandwidth, stalls, loss bursts).
-``bytes_up`` and ``bytes_down`` count what was delivered each way. ``cut()`` breaks the
-link: every connection ends and new ones are accepted and closed at once, until
-``restore()``. ``close()`` ends every connection and
-thread; the proxy is a context manager so a test cannot leave it running.
+never acknowledges it. ``hold_downstream()`` is the mirror: the client stops hearing the
+broker while the broker still believes it connected (a link that died one way). With a
+:class:`fedge.harness.links.LinkProfile` every connection goes through a slow or lossy
+link instead (latency, jitter, bandwidth, stalls, loss bursts). ``bytes_up`` and
+``bytes_down`` count what was delivered each way. ``cut()`` breaks the link: every
+connection ends and new ones are accepted and closed at once, until ``restore()``.
+``close()`` ends every connection and thread; the proxy is a context manager so a test
+cannot leave it running.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class TcpProxy:
         self.host: str = host
         self.port: int = self._listener.getsockname()[1]
         self._held = threading.Event()
+        self._held_down = threading.Event()
         self._cut = threading.Event()
         self._closed = threading.Event()
         self._lock = threading.Lock()
@@ -98,6 +101,10 @@ class TcpProxy:
         """From now on, keep every client->broker byte; broker->client bytes still flow."""
         self._held.set()
 
+    def hold_downstream(self) -> None:
+        """From now on, keep every broker->client byte; client->broker bytes still flow."""
+        self._held_down.set()
+
     def cut(self) -> None:
         """Break the link: end every connection, refuse new ones until :meth:`restore`."""
         self._cut.set()
@@ -109,6 +116,7 @@ class TcpProxy:
     def restore(self) -> None:
         """Mend the link: new connections go through again, nothing is held any more."""
         self._held.clear()
+        self._held_down.clear()
         self._cut.clear()
 
     def close(self) -> None:
@@ -206,7 +214,7 @@ class TcpProxy:
                 data = source.recv(RECV_BYTES)
                 if not data:
                     break
-                if is_upstream and self._held.is_set():
+                if (self._held if is_upstream else self._held_down).is_set():
                     with self._lock:
                         self.held_bytes += len(data)
                     continue
