@@ -236,6 +236,7 @@ class AgentCommands:
             waiting_for=self.federated.waiting_for if self.federated is not None else None,
             stalled_blob=self.federated.stalled_blob if self.federated is not None else None,
             variant=self.federated.variant_choice if self.federated is not None else None,
+            personalisation=self.federated.personalisation if self.federated is not None else None,
         )
 
     def _readings(self) -> AgentReadings:

@@ -68,6 +68,12 @@ class AgentConfig(FedgeSettings):
     # variant_within_points accuracy points of the best), "fastest_within", or a name.
     variant: Annotated[str, Field(min_length=1, max_length=64)] = "smallest_within"
     variant_within_points: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0
+    # Personalisation (transfer tasks, FedPer-style; off unless set): after each release, fine
+    # tune the head this many epochs on our own samples and serve that; status compares it
+    # with the release's head on the held-out share below.
+    personalise_epochs: Annotated[int, Field(ge=1, le=1000)] | None = None
+    personalise_learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 0.1
+    personalise_eval_fraction: Annotated[float, Field(gt=0.0, le=0.5)] = 0.2
     # local differential privacy: noise added to every update before it leaves the agent
     local_dp_noise_multiplier: Annotated[float, Field(gt=0.0, le=1000.0)] | None = None
     local_dp_clip_norm: Annotated[float, Field(gt=0.0)] | None = None

@@ -28,6 +28,7 @@ from agent.privacy import LocalDp
 from agent.store import SampleStore
 from agent.task_clients import TaskClients
 from agent.training import available_trainers
+from agent.transfer_task import personal_policy
 from agent.variant_choice import VariantPolicy
 from protocol.errors import ConfigError, FedgeError, TopicError
 from protocol.messages.agent import (
@@ -329,6 +330,7 @@ class Agent(AgentCommands):
             local_dp=self._local_dp(),
             max_chunk_bytes=self.config.max_chunk_bytes,
             variant=VariantPolicy(self.config.variant, self.config.variant_within_points),
+            personal=personal_policy(self.config),
         )
 
     def _local_dp(self) -> LocalDp | None:

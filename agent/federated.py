@@ -30,7 +30,7 @@ from agent.round_change import round_change
 from agent.secagg_stages import AgentSecAgg
 from agent.store import SampleStore
 from agent.training import TrainConfig, Trainer, fitting_trainer, make_trainer
-from agent.transfer_task import TransferTasks
+from agent.transfer_task import PersonalPolicy, TransferTasks
 from agent.variant_choice import VariantPolicy
 from protocol.chunks import CHUNK_HEADER_BYTES, DEFAULT_MAX_CHUNK_BYTES, split_blob
 from protocol.errors import FedgeError, ModelError
@@ -88,6 +88,7 @@ class FederatedClient(FederatedIO):
         local_dp: LocalDp | None = None,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         variant: VariantPolicy | None = None,
+        personal: PersonalPolicy | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.topics = topics
@@ -103,8 +104,7 @@ class FederatedClient(FederatedIO):
         self._fallback_trainer = fallback_trainer
         self._on_swap = on_swap
         self._on_waiting = on_waiting
-        # What this client waits for, for the agent's status: e.g. a blob's retained chunks
-        # that a broker which lost its state no longer has (until the coordinator resends).
+        # For the status: what this client waits for (e.g. retained chunks a broker lost).
         self.waiting_for: str | None = None
         self.stalled_blob: str | None = None
         self._local_dp = local_dp
@@ -129,6 +129,7 @@ class FederatedClient(FederatedIO):
         self._trainer: Trainer | None = None
         self._trainer_key: tuple[str, str, int, str] | None = None
         self._transfer = TransferTasks(store=store, data_dir=data_dir, fetch=self.fetch)
+        self._transfer.personal = personal
         self._secagg = AgentSecAgg(
             agent_id=agent_id,
             topics=topics,
@@ -393,8 +394,7 @@ class FederatedClient(FederatedIO):
         except (OSError, FedgeError):
             logger.info("round %d announced again; no kept update to send", number)
             return
-        # Cut as the first time (the kept completion names the chunk size), whatever the
-        # setting says now: the coordinator may already hold some of these chunks.
+        # Cut as the first time (the kept completion names the size): the coordinator may hold some.
         _, chunks = split_blob(blob, max_chunk_bytes=complete.chunk_bytes + CHUNK_HEADER_BYTES)
         self._send_update(number, chunks, complete)
         logger.info("round %d announced again: update sent again", number)

@@ -27,6 +27,7 @@ from agent.transfer_task import TransferTasks, sample_input
 from agent.variant_choice import VariantPolicy, choose_variant
 from protocol.chunks import BlobManifest
 from protocol.errors import FedgeError, ModelError
+from protocol.messages.agent import Personalisation
 from protocol.messages.evaluation import Evaluation
 from protocol.messages.rounds import (
     BlobRef,
@@ -259,12 +260,23 @@ class FederatedIO:
             self._on_waiting()
 
     # hot swap
+    @property
+    def personalisation(self) -> Personalisation | None:
+        """The personal head served since the last release, with both accuracies, if any."""
+        return self._transfer.personalisation
+
     def _maybe_swap(self, release: ModelRelease) -> None:
         if self._on_swap is None or release.round <= self._serving_round:
             return
         if release.recipe == "transfer":
-            served = release_serving_model(release, self.fetch)
-            how = "one .tflite"
+            served: ServingModel | None
+            if self._transfer.personal is not None:  # FedPer-style: a head tuned on our data
+                weights = decode_weights(self.fetch(release.weights))
+                mine, report = self._transfer.personalise(release, weights)
+                served, how = self._transfer.serving(release, mine), f"{report.serving} head"
+            else:
+                served = release_serving_model(release, self.fetch)
+                how = "one .tflite"
             if served is None:  # a release of before serving variants: backbone, then head
                 weights = decode_weights(self.fetch(release.weights))
                 served, how = self._transfer.serving(release, weights), "backbone, then head"

@@ -9,6 +9,12 @@ backbone never sees a stale embedding and a round trains the head over cached fe
 
 With augmentation on, every round embeds freshly augmented images instead (the cache holds
 the un-augmented embedding only): slower, by one backbone invoke per sample per round.
+
+Personalisation (FedPer-style, off unless the agent is configured with a
+:class:`PersonalPolicy`): after each release the agent fine-tunes a copy of the release's
+head on its own samples (the training side of its held-out split), serves that, and keeps
+the release's head to compare the two on the held-out side (:meth:`TransferTasks.personalise`).
+Rounds still train from the release's head, so what the fleet learns is unchanged.
 """
 
 from __future__ import annotations
@@ -16,28 +22,59 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from agent.augment import Augmenter
+from agent.config import AgentConfig
 from agent.evaluation import evaluate_model, held_out
 from agent.head import HeadTrainer
 from agent.model import ServingModel
 from agent.preprocess import decode_image, prepare_input
 from agent.runtime import TensorInfo, TfliteModel
 from agent.store import SampleStore, StoredSample
+from agent.training import TrainConfig
 from protocol.errors import FedgeError, ModelError
+from protocol.messages.agent import Personalisation
 from protocol.messages.evaluation import Evaluation
 from protocol.messages.rounds import BlobRef, ModelRelease, RoundConfig
 from protocol.preprocess import PreprocessSpec
 
-__all__ = ["Backbone", "ServedTransferModel", "TransferTasks", "sample_input"]
+__all__ = [
+    "Backbone",
+    "PersonalPolicy",
+    "ServedTransferModel",
+    "TransferTasks",
+    "personal_policy",
+    "sample_input",
+]
 
 logger = logging.getLogger(__name__)
 
 _EMBED_BATCH = 32
 Fetch = Callable[[BlobRef], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class PersonalPolicy:
+    """How an agent fine-tunes its own head after each release."""
+
+    epochs: int = 20
+    learning_rate: float = 0.1
+    eval_fraction: float = 0.2
+
+
+def personal_policy(config: AgentConfig) -> PersonalPolicy | None:
+    """The agent's personalisation settings; None (the default) turns it off."""
+    if config.personalise_epochs is None:
+        return None
+    return PersonalPolicy(
+        epochs=config.personalise_epochs,
+        learning_rate=config.personalise_learning_rate,
+        eval_fraction=config.personalise_eval_fraction,
+    )
 
 
 def sample_input(
@@ -58,25 +95,31 @@ def sample_input(
 
 
 class Backbone:
-    """A frozen feature extractor: images (n, h, w, c) -> features (n, k)."""
+    """A frozen feature extractor: images (n, h, w, c) -> features (n, k).
+
+    Every output counts: each (n, k) as it is, each (n, h, w, k) average-pooled, joined in
+    output order (a third-party model often has several, e.g. a landmark model's coordinates
+    and scores); the release's serving model joins them the same way.
+    """
 
     def __init__(self, content: bytes) -> None:
         self.model = TfliteModel.from_bytes(content)
         shape = self.model.input_details.shape
         outputs = self.model.output_details
-        if len(shape) != 4 or len(outputs) != 1 or len(outputs[0].shape) not in (2, 4):
+        if len(shape) != 4 or not outputs or any(len(o.shape) not in (2, 4) for o in outputs):
             raise ModelError(
                 f"not a feature extractor: input {shape}, outputs {[o.shape for o in outputs]}",
                 reason="bad_backbone",
             )
         self.input_shape = tuple(int(d) for d in shape[1:])
-        self.feature_size = int(outputs[0].shape[-1])
+        self.feature_size = sum(int(o.shape[-1]) for o in outputs)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         parts = []
         for begin in range(0, len(images), _EMBED_BATCH):
-            (out,) = self.model.predict(images[begin : begin + _EMBED_BATCH])
-            parts.append(out.mean(axis=(1, 2)) if out.ndim == 4 else out)
+            outs = self.model.predict(images[begin : begin + _EMBED_BATCH])
+            pooled = [out.mean(axis=(1, 2)) if out.ndim == 4 else out for out in outs]
+            parts.append(np.concatenate(pooled, axis=1))
         return np.concatenate(parts).astype(np.float32)
 
 
@@ -102,11 +145,20 @@ class ServedTransferModel:
 class TransferTasks:
     """Embeddings, head trainers and serving models for transfer releases."""
 
-    def __init__(self, *, store: SampleStore, data_dir: Path, fetch: Fetch) -> None:
+    def __init__(
+        self,
+        *,
+        store: SampleStore,
+        data_dir: Path,
+        fetch: Fetch,
+        personal: PersonalPolicy | None = None,
+    ) -> None:
         self._store = store
         self._root = data_dir / "embeddings"
         self._fetch = fetch
         self._backbones: dict[str, Backbone] = {}
+        self.personal = personal  # None: no personalisation (the default)
+        self.personalisation: Personalisation | None = None
 
     def backbone(self, release: ModelRelease) -> Backbone:
         sha = release.trainable.sha256
@@ -217,3 +269,36 @@ class TransferTasks:
                     images.append(image)
             if images:
                 yield from zip(batch, backbone.embed(np.stack(images)), strict=True)
+
+    def personalise(
+        self, release: ModelRelease, weights: list[np.ndarray]
+    ) -> tuple[list[np.ndarray], Personalisation]:
+        """A head fine-tuned from ``weights`` on this agent's samples, and both accuracies.
+
+        Without training samples the release's head is kept (``serving="global"``). The
+        report is kept as :attr:`personalisation` for the agent's status.
+        """
+        policy = self.personal
+        assert policy is not None, "personalise() needs a PersonalPolicy"
+        x, y, ids = self.dataset(release)
+        held = held_out(ids, policy.eval_fraction)
+        fleet = self.trainer(release, weights)
+        personal = self.trainer(release, weights)
+        trained_on = int((~held).sum())
+        if trained_on:
+            config = TrainConfig(
+                epochs=policy.epochs,
+                batch_size=release.train_batch_size,
+                learning_rate=policy.learning_rate,
+            )
+            personal.train(x[~held], y[~held], config)
+        report = Personalisation(
+            model_version=release.version,
+            held_out=int(held.sum()),
+            trained_on=trained_on,
+            global_accuracy=fleet.evaluate(x[held], y[held])[1] if held.any() else None,
+            personal_accuracy=personal.evaluate(x[held], y[held])[1] if held.any() else None,
+            serving="personal" if trained_on else "global",
+        )
+        self.personalisation = report
+        return personal.get_weights(), report

@@ -19,7 +19,7 @@ from coordinator.pruning import prune_after_round, unpacked, with_masks
 from coordinator.round_plan import ModelProducer, RoundOutcome, RoundPlan
 from coordinator.state import CoordinatorState, StoredUpdate
 from coordinator.strategies import ClientUpdate, Strategy, make_strategy
-from coordinator.validation import validate_update
+from coordinator.validation import DEFAULT_MAX_RELATIVE_NORM, validate_update
 from coordinator.variants import note_ranges
 from protocol.chunks import CHUNK_HEADER_BYTES
 from protocol.errors import FedgeError, ProtocolError
@@ -90,7 +90,16 @@ class RoundClosing:
                         reason="wrong_shape",
                     )
             weights = [b + d for b, d in zip(base, deltas, strict=True)]
-            validate_update(weights, reference=base, max_norm=plan.max_update_norm)
+            # An operator's absolute bound replaces the default one relative to the model's
+            # norm, which a freshly initialised head over raw (uncentred) features outgrows
+            # in its first round: its bias moves by the features' mean times its kernel's.
+            relative = None if plan.max_update_norm is not None else DEFAULT_MAX_RELATIVE_NORM
+            validate_update(
+                weights,
+                reference=base,
+                max_norm=plan.max_update_norm,
+                max_relative_norm=relative,
+            )
         except FedgeError as exc:
             logger.warning("update from %s refused: %s", agent, exc)
             self.fleet.reject(

@@ -37,12 +37,12 @@ class BackboneInfo:
     content: bytes
     input_shape: tuple[int, int, int]
     input_dtype: str
-    output_shape: tuple[int, ...]
+    output_shapes: tuple[tuple[int, ...], ...]
 
     @property
     def feature_size(self) -> int:
-        """Features per image: the last axis (a spatial output is average-pooled)."""
-        return self.output_shape[-1]
+        """Features per image: every output's last axis (spatial ones average-pooled), joined."""
+        return sum(shape[-1] for shape in self.output_shapes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +156,9 @@ def _check_feeds(spec: PreprocessSpec, backbone: BackboneInfo) -> list[str]:
 def inspect_backbone(content: bytes) -> BackboneInfo:
     """The input and output shapes of a feature-extractor ``.tflite``.
 
-    Raises :class:`ConfigError` unless it has one image input (1, h, w, c) and one output of
-    rank 2 (n, features) or 4 (n, h, w, features, pooled by the agent).
+    Raises :class:`ConfigError` unless it has one image input (1, h, w, c) and outputs of
+    rank 2 (n, features) or 4 (n, h, w, features, pooled by the agent); several outputs are
+    joined into one feature vector.
     """
     from ai_edge_litert.interpreter import Interpreter
 
@@ -168,28 +169,29 @@ def inspect_backbone(content: bytes) -> BackboneInfo:
         outputs = interpreter.get_output_details()
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"not a usable .tflite model: {exc}", reason="bad_backbone") from exc
-    if len(inputs) != 1 or len(outputs) != 1:
+    if len(inputs) != 1 or not outputs:
         raise ConfigError(
-            f"a backbone needs one input and one output, it has {len(inputs)} and {len(outputs)}",
+            f"a backbone needs one input and outputs, it has {len(inputs)} and {len(outputs)}",
             reason="bad_backbone",
         )
     in_shape = tuple(int(d) for d in inputs[0]["shape"])
-    out_shape = tuple(int(d) for d in outputs[0]["shape"])
+    out_shapes = tuple(tuple(int(d) for d in output["shape"]) for output in outputs)
     if len(in_shape) != 4 or in_shape[3] not in (1, 3):
         raise ConfigError(
             f"the backbone's input {in_shape} is not an image batch (n, h, w, 1 or 3)",
             reason="bad_backbone",
         )
-    if len(out_shape) not in (2, 4):
-        raise ConfigError(
-            f"the backbone's output {out_shape} is neither features (n, k) nor a feature "
-            "map (n, h, w, k)",
-            reason="bad_backbone",
-        )
+    for out_shape in out_shapes:
+        if len(out_shape) not in (2, 4):
+            raise ConfigError(
+                f"the backbone's output {out_shape} is neither features (n, k) nor a feature "
+                "map (n, h, w, k)",
+                reason="bad_backbone",
+            )
     dtype = inputs[0]["dtype"]
     return BackboneInfo(
         content=content,
         input_shape=(in_shape[1], in_shape[2], in_shape[3]),
         input_dtype=getattr(dtype, "__name__", str(dtype)),
-        output_shape=out_shape,
+        output_shapes=out_shapes,
     )

@@ -34,6 +34,7 @@ __all__ = [
     "TASK_LABELS",
     "TransferWorkload",
     "colour_digits",
+    "write_task_images",
     "write_transfer_workload",
 ]
 
@@ -138,25 +139,15 @@ min_samples = 4
 """
 
 
-def write_transfer_workload(
-    out_dir: Path, num_agents: int, *, epochs: int = 15
-) -> TransferWorkload:
-    """Backbones, task file, agents' shares and the central test folder under ``out_dir``."""
+def write_task_images(out_dir: Path, num_agents: int) -> tuple[tuple[Path, ...], Path]:
+    """The task's frames (digits 5-9): agents' non-IID shares and the central test folder.
+
+    ``shares/agent-NN/<label>/<index>.png`` and ``test/<label>/<index>.png`` under
+    ``out_dir``; for any backbone that takes 64x64 colour frames.
+    """
     from sklearn.model_selection import train_test_split
 
-    from coordinator.tflite_export import export_float_tflite, export_int8_tflite
-
     images, labels = colour_digits()
-    seen = np.isin(labels, BACKBONE_CLASSES)
-    backbone = pretrain_backbone(images[seen], labels[seen], epochs=epochs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    float_path, int8_path = out_dir / "backbone.tflite", out_dir / "backbone_int8.tflite"
-    float_path.write_bytes(export_float_tflite(backbone))
-    calibration = images[seen][:200].astype(np.float32) / 255.0
-    int8_path.write_bytes(export_int8_tflite(backbone, calibration))
-    task_path = out_dir / "task.toml"
-    task_path.write_text(task_toml(float_path.name))
-
     task = np.flatnonzero(np.isin(labels, TASK_CLASSES))
     names = dict(zip(TASK_CLASSES, TASK_LABELS, strict=True))
     train, test = train_test_split(task, test_size=0.25, random_state=0, stratify=labels[task])
@@ -170,6 +161,24 @@ def write_transfer_workload(
             label = names[int(labels[index])]
             _write_png(folder / label / f"{index:04d}.png", images[index])
         shares.append(folder)
-    return TransferWorkload(
-        out_dir, float_path, int8_path, task_path, tuple(shares), out_dir / "test"
-    )
+    return tuple(shares), out_dir / "test"
+
+
+def write_transfer_workload(
+    out_dir: Path, num_agents: int, *, epochs: int = 15
+) -> TransferWorkload:
+    """Backbones, task file, agents' shares and the central test folder under ``out_dir``."""
+    from coordinator.tflite_export import export_float_tflite, export_int8_tflite
+
+    images, labels = colour_digits()
+    seen = np.isin(labels, BACKBONE_CLASSES)
+    backbone = pretrain_backbone(images[seen], labels[seen], epochs=epochs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    float_path, int8_path = out_dir / "backbone.tflite", out_dir / "backbone_int8.tflite"
+    float_path.write_bytes(export_float_tflite(backbone))
+    calibration = images[seen][:200].astype(np.float32) / 255.0
+    int8_path.write_bytes(export_int8_tflite(backbone, calibration))
+    task_path = out_dir / "task.toml"
+    task_path.write_text(task_toml(float_path.name))
+    shares, test = write_task_images(out_dir, num_agents)
+    return TransferWorkload(out_dir, float_path, int8_path, task_path, shares, test)

@@ -8,6 +8,8 @@ buffers stay as they are, and after its output come
 
 - ``DEQUANTIZE`` when the backbone's output is int8/uint8 (an int8 backbone; the head is float),
 - ``MEAN`` over the two spatial axes when the output is a feature map (n, h, w, k),
+- ``CONCATENATION`` of those features, in output order, when the backbone has several
+  outputs (a third-party model often does: a landmark model's coordinates and scores),
 - per head, one ``FULLY_CONNECTED`` per Dense layer (relu fused into the hidden ones; TFLite
   keeps the kernel as (out, in), Keras as (in, out)) and a ``SOFTMAX``.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -130,15 +133,33 @@ class _Builder:
         self.graph.operators.append(op)
 
 
-def _features(b: _Builder, output: int) -> tuple[int, int]:
-    """The backbone's output as float (n, k) features: dequantised and pooled as needed."""
+def _all_features(b: _Builder, outputs: Sequence[int]) -> int:
+    """Every backbone output as float features, concatenated in output order (agents' order)."""
+    parts = [_features(b, output, f"fedge/features_{i}") for i, output in enumerate(outputs)]
+    if len(parts) == 1:
+        return parts[0][0]
+    batch = int(b.graph.tensors[parts[0][0]].shape[0])
+    joined = b.tensor("fedge/features", [batch, sum(width for _, width in parts)])
+    options = b.schema.ConcatenationOptionsT()
+    options.axis = 1
+    b.op(
+        b.schema.BuiltinOperator.CONCATENATION,
+        [tensor for tensor, _ in parts],
+        joined,
+        (b.schema.BuiltinOptions.ConcatenationOptions, options),
+    )
+    return joined
+
+
+def _features(b: _Builder, output: int, name: str = "fedge/features") -> tuple[int, int]:
+    """One backbone output as float (n, k) features: dequantised and pooled as needed."""
     s = b.schema
     tensor = b.graph.tensors[output]
     shape = [int(d) for d in tensor.shape]
     type_names = {v: k for k, v in vars(s.TensorType).items() if not k.startswith("_")}
     current = output
     if type_names.get(tensor.type) in _QUANTISED_TYPES:
-        current_float = b.tensor("fedge/features_float", shape)
+        current_float = b.tensor(f"{name}_float", shape)
         b.op(s.BuiltinOperator.DEQUANTIZE, [current], current_float)
         current = current_float
     elif tensor.type != s.TensorType.FLOAT32:
@@ -147,8 +168,8 @@ def _features(b: _Builder, output: int) -> tuple[int, int]:
             reason="bad_backbone",
         )
     if len(shape) == 4:
-        axes = b.tensor("fedge/pool_axes", [2], np.asarray([1, 2], np.int32))
-        pooled = b.tensor("fedge/features", [shape[0], shape[3]])
+        axes = b.tensor(f"{name}_pool_axes", [2], np.asarray([1, 2], np.int32))
+        pooled = b.tensor(name, [shape[0], shape[3]])
         options = s.ReducerOptionsT()
         options.keepDims = False
         b.op(
@@ -236,10 +257,11 @@ def compose(backbone: bytes, heads: Sequence[Head], *, backbone_sha256: str | No
         raise ModelError(f"heads need distinct names, got {names}", reason="bad_heads")
     model = read_flatbuffer(backbone)
     graph = model.subgraphs[0]
-    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+    output_count = 0 if graph.outputs is None else len(graph.outputs)
+    if len(graph.inputs) != 1 or output_count == 0:
         raise ModelError(
-            f"a backbone has one input and one output, this one {len(graph.inputs)} and "
-            f"{len(graph.outputs)}",
+            f"a backbone has one input and outputs, this one {len(graph.inputs)} and "
+            f"{output_count}",
             reason="bad_backbone",
         )
     model.metadata = [m for m in model.metadata or [] if metadata_name(m) != RECORD_NAME]
@@ -250,10 +272,11 @@ def compose(backbone: bytes, heads: Sequence[Head], *, backbone_sha256: str | No
         "buffers": len(model.buffers),
         "operator_codes": len(model.operatorCodes or []),
         "output": int(graph.outputs[0]),
+        "outputs": [int(o) for o in graph.outputs],
         "signature_outputs": _signature_outputs(model),
     }
     b = _Builder(model)
-    features, _ = _features(b, graph.outputs[0])
+    features = _all_features(b, _output_order(model, [int(o) for o in graph.outputs]))
     batch = int(b.graph.tensors[features].shape[0])
     outputs, heads_record = [], []
     for head in heads:
@@ -282,6 +305,20 @@ def compose(backbone: bytes, heads: Sequence[Head], *, backbone_sha256: str | No
     content = bytes(utils.convert_object_to_bytearray(model))
     _check_loads(content)
     return content
+
+
+def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p)
+
+
+def _output_order(model: Any, outputs: list[int]) -> list[int]:
+    """The backbone's outputs in the order agents read them (``agent.runtime``): by the one
+    serving signature's output names in natural order, else the graph's own order."""
+    if len(model.signatureDefs or []) != 1:
+        return outputs
+    named = sorted(_signature_outputs(model), key=lambda pair: _natural_key(pair[0]))
+    ordered = [index for _, index in named]
+    return ordered if sorted(ordered) == sorted(outputs) else outputs
 
 
 def metadata_name(metadata: Any) -> str:

@@ -65,7 +65,7 @@ def read_composed(content: bytes) -> Composed:
         graph.tensors = graph.tensors[: int(sizes["tensors"])]
         model.buffers = model.buffers[: int(sizes["buffers"])]
         model.operatorCodes = model.operatorCodes[: int(sizes["operator_codes"])]
-        graph.outputs = [int(sizes["output"])]
+        graph.outputs = [int(o) for o in sizes.get("outputs", [sizes["output"]])]
         for signature in model.signatureDefs or []:
             if signature.subgraphIndex == 0:
                 signature.outputs = [

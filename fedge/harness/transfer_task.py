@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,9 +22,15 @@ from agent.store import SampleStore
 from agent.training import TrainConfig
 from agent.transfer_task import Backbone
 from coordinator.task_producers import head_initial_weights
+from fedge.harness.clients import MessageCollector, Received, disconnect, mqtt_client, subscribe
+from protocol.messages.agent import InferenceResult
+from protocol.messages.codec import decode_message
 from protocol.preprocess import PreprocessSpec
+from protocol.topics import Topics
 
-__all__ = ["AgentData", "agents_data", "central_head", "folder_images"]
+__all__ = ["AgentData", "agents_data", "central_head", "folder_images", "served_results"]
+
+_RESULT_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +91,24 @@ def folder_images(
             x.append(prepare_input(decode_image(path.read_bytes()), spec))
             y.append(index)
     return np.stack(x), np.asarray(y, np.int32)
+
+
+def served_results(
+    broker: Any, topics: Topics, agents: Sequence[str], frame: bytes, *, version: str
+) -> dict[str, InferenceResult]:
+    """One frame to the camera topic; each agent's result from the model ``version``."""
+    collector = MessageCollector()
+    client = mqtt_client(broker, collector=collector)
+
+    def served(messages: list[Received]) -> dict[str, InferenceResult]:
+        results = [decode_message(m.payload, InferenceResult) for m in messages]
+        return {r.agent: r for r in results if r.model_version == version}
+
+    try:
+        for agent in agents:
+            subscribe(client, topics.agent_results(agent))
+        client.publish(topics.camera_frames("door"), frame, qos=1).wait_for_publish(10)
+        messages = collector.wait_for(lambda m: len(served(m)) >= len(agents), _RESULT_TIMEOUT_S)
+    finally:
+        disconnect(client)
+    return served(messages)

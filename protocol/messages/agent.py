@@ -20,6 +20,7 @@ __all__ = [
     "FrameCounters",
     "InferenceResult",
     "OutputTensor",
+    "Personalisation",
     "Prediction",
     "Timings",
 ]
@@ -53,6 +54,22 @@ class FrameCounters(Message):
     rejected: Count = 0
 
 
+Accuracy = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Personalisation(Message):
+    """A head fine-tuned on the agent's own samples after a release (FedPer-style), served
+    instead of the release's; both measured on the agent's held-out split."""
+
+    kind: Literal["personalisation"] = "personalisation"
+    model_version: Id  # the release the personal head started from
+    held_out: Count  # samples in the held-out split (never trained on)
+    trained_on: Count
+    global_accuracy: Accuracy | None = None  # None when nothing is held out
+    personal_accuracy: Accuracy | None = None
+    serving: Literal["personal", "global"] = "personal"
+
+
 class AgentStatus(Message):
     """Retained on the agent's status topic; the LWT carries the same shape, offline."""
 
@@ -70,6 +87,7 @@ class AgentStatus(Message):
     stalled_blob: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     # The release variant it serves, why, and each variant's latency and accuracy here.
     variant: VariantChoice | None = None
+    personalisation: Personalisation | None = None
 
 
 class Prediction(Message):
