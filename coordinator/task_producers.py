@@ -27,7 +27,7 @@ from coordinator.variants import serving_variants
 from protocol.chunks import DEFAULT_MAX_CHUNK_BYTES
 from protocol.errors import ConfigError
 from protocol.messages.rounds import ModelMetrics, ModelRelease, ModelVariant
-from protocol.tasks import BuiltinRecipe, KerasRecipe, TaskSpec, TransferRecipe
+from protocol.tasks import BuiltinRecipe, KerasRecipe, SplitRecipe, TaskSpec, TransferRecipe
 from protocol.updates import encode_weights
 from runtime.composition import Head, compose
 from runtime.merging import without_record
@@ -179,6 +179,13 @@ def make_producer(
             )
         return KerasTaskProducer(
             task=spec, info=task.keras, state=state, max_chunk_bytes=config.max_chunk_bytes
+        )
+    if isinstance(recipe, SplitRecipe):
+        # Checked at load (coordinator.split_task); its rounds are not driven by the daemon yet.
+        raise ConfigError(
+            f"task {spec.name}: a split task is checked but its rounds are not run by "
+            "`fedge coordinator run` yet",
+            reason="bad_task",
         )
     if task.backbone is None:
         raise ConfigError(

@@ -20,10 +20,18 @@ from pydantic import ValidationError
 from coordinator.reference import DIGITS_LABELS, digits_preprocess_spec
 from protocol.errors import ConfigError
 from protocol.preprocess import InputDType, PreprocessSpec
-from protocol.tasks import BUILTIN_MODELS, BuiltinRecipe, KerasRecipe, TaskSpec, TransferRecipe
+from protocol.tasks import (
+    BUILTIN_MODELS,
+    BuiltinRecipe,
+    KerasRecipe,
+    SplitRecipe,
+    TaskSpec,
+    TransferRecipe,
+)
 
 if TYPE_CHECKING:
     from coordinator.keras_task import KerasModelInfo
+    from coordinator.split_task import SplitTaskInfo
 
 __all__ = ["BackboneInfo", "LoadedTask", "builtin_task", "inspect_backbone", "load_task"]
 
@@ -50,6 +58,7 @@ class LoadedTask:
     spec: TaskSpec
     backbone: BackboneInfo | None = None
     keras: KerasModelInfo | None = None
+    split: SplitTaskInfo | None = None
 
 
 def builtin_task(model: str) -> LoadedTask:
@@ -103,9 +112,16 @@ def load_task(path: Path) -> LoadedTask:
     if isinstance(spec.recipe, KerasRecipe):
         keras, found = _check_keras(spec, path.parent / spec.recipe.model)
         problems += found
+    split = None
+    if isinstance(spec.recipe, SplitRecipe):
+        # Building and exporting the parts loads TensorFlow: only for this recipe.
+        from coordinator.split_task import check_split_task
+
+        split, found = check_split_task(spec, path.parent)
+        problems += found
     if problems:
         raise ConfigError("\n".join(f"{path}: {p}" for p in problems), reason="bad_task")
-    return LoadedTask(spec, backbone, keras)
+    return LoadedTask(spec, backbone, keras, split)
 
 
 def _check_keras(spec: TaskSpec, model_path: Path) -> tuple[KerasModelInfo | None, list[str]]:

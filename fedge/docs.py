@@ -124,6 +124,7 @@ _PREPROCESS_MEANINGS = {
 
 def _type_name(annotation: object) -> str:
     import enum
+    import types
     import typing
 
     args = typing.get_args(annotation)
@@ -133,6 +134,10 @@ def _type_name(annotation: object) -> str:
         return " or ".join(f"`{m.value}`" for m in annotation)
     if typing.get_origin(annotation) is tuple:
         return "list"
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _type_name(args[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -140,7 +145,7 @@ def task_reference() -> str:
     """Every key of a task file, by TOML table, from :class:`protocol.tasks.TaskSpec`."""
     from pydantic import BaseModel
 
-    from protocol.tasks import BuiltinRecipe, KerasRecipe, TaskSpec, TransferRecipe
+    from protocol.tasks import BuiltinRecipe, KerasRecipe, SplitRecipe, TaskSpec, TransferRecipe
 
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
 
@@ -163,6 +168,7 @@ def task_reference() -> str:
     rows(BuiltinRecipe, "recipe.")
     rows(TransferRecipe, "recipe.", skip=())
     rows(KerasRecipe, "recipe.")
+    rows(SplitRecipe, "recipe.")
     from protocol.preprocess import PreprocessSpec
     from protocol.tasks import TrainingDefaults
 

@@ -11,6 +11,10 @@ that shapes fit. Recipes:
 - ``keras``: the user's own Keras model file (``.keras``: a chain of layers ending in a softmax
   over the task's labels). Agents without TensorFlow train it in LiteRT when every layer has a
   builtin-only training graph; otherwise only agents with TensorFlow (Keras) train it.
+- ``split``: split learning (SplitFed v2): a built-in architecture or a ``.keras`` file cut in
+  two at a layer; agents train the layers below the cut through a builtin-only ``.tflite``, the
+  coordinator the rest in Keras. ``u_shaped`` keeps the last layers (and the labels) on the
+  agent; ``federate`` averages the agents' lower parts at the end of each round.
 
 Example (``door.toml``)::
 
@@ -46,6 +50,7 @@ __all__ = [
     "BuiltinRecipe",
     "KerasRecipe",
     "Recipe",
+    "SplitRecipe",
     "TaskSpec",
     "TrainingDefaults",
     "TransferRecipe",
@@ -93,7 +98,37 @@ class KerasRecipe(Message):
     ]
 
 
-Recipe = Annotated[BuiltinRecipe | TransferRecipe | KerasRecipe, Field(discriminator="kind")]
+LayerRef = (
+    Annotated[int, Field(ge=0, le=10_000)] | Annotated[str, Field(min_length=1, max_length=128)]
+)
+
+
+class SplitRecipe(Message):
+    """A model cut in two: the agents train the layers below the cut, the coordinator the rest."""
+
+    kind: Literal["split"] = "split"
+    # A built-in architecture's name, or a path relative to the task file.
+    model: Annotated[
+        ShortText,
+        Field(min_length=1, description="a built-in architecture or a .keras file"),
+    ]
+    cut: LayerRef = Field(
+        description="the first layer the coordinator runs: its index, or its name"
+    )
+    u_shaped: bool = Field(
+        default=False, description="the agents also run the last layers, so labels never leave them"
+    )
+    top: LayerRef | None = Field(
+        None, description="u_shaped: the first layer back on the agent (default: the last)"
+    )
+    federate: bool = Field(
+        default=False, description="average the agents' lower parts by batches at each round's end"
+    )
+
+
+Recipe = Annotated[
+    BuiltinRecipe | TransferRecipe | KerasRecipe | SplitRecipe, Field(discriminator="kind")
+]
 
 
 class TrainingDefaults(Message):
