@@ -27,7 +27,7 @@ from runtime.composition import (
     tensor_map,
 )
 
-__all__ = ["Composed", "merge_models", "read_composed", "without_record"]
+__all__ = ["Composed", "merge_models", "read_all", "read_composed", "without_record"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +79,17 @@ def read_composed(content: bytes) -> Composed:
     return Composed(backbone_sha256=sha, backbone=backbone, heads=tuple(heads))
 
 
+def read_all(models: Sequence[bytes], names: Sequence[str]) -> list[Composed]:
+    """:func:`read_composed` of each model; an error names the model it is about."""
+    parts = []
+    for name, content in zip(names, models, strict=True):
+        try:
+            parts.append(read_composed(content))
+        except ModelError as exc:
+            raise ModelError(f"{name}: {exc}", reason=exc.reason) from exc
+    return parts
+
+
 def merge_models(models: Sequence[bytes], *, names: Sequence[str] = ()) -> bytes:
     """One multi-head model from composed models that share a backbone.
 
@@ -89,12 +100,7 @@ def merge_models(models: Sequence[bytes], *, names: Sequence[str] = ()) -> bytes
     names = list(names) or [f"model {i + 1}" for i in range(len(models))]
     if len(models) < 2:
         raise ModelError("merging needs two models or more", reason="bad_merge")
-    parts = []
-    for name, content in zip(names, models, strict=True):
-        try:
-            parts.append(read_composed(content))
-        except ModelError as exc:
-            raise ModelError(f"{name}: {exc}", reason=exc.reason) from exc
+    parts = read_all(models, names)
     shas = {part.backbone_sha256 for part in parts}
     if len(shas) > 1:
         which = ", ".join(

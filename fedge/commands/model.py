@@ -1,4 +1,4 @@
-"""``fedge model``: work on serving models offline (merge several into one)."""
+"""``fedge model``: work on serving models offline (merge several into one, or soup them)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from fedge.commands.common import broker_options, console
+from fedge.commands.model_soup import read_models, soup
 
 __all__ = ["model_group"]
 
@@ -18,6 +19,7 @@ def model_group() -> None:
     \b
     Examples:
       fedge model merge door.tflite parcel.tflite --out both.tflite
+      fedge model soup site-a.tflite site-b.tflite --eval test/ --out door.tflite
       fedge model card r12
       fedge model export r12 --out door.tflite
     """
@@ -53,12 +55,7 @@ def merge(models: tuple[Path, ...], out_path: Path) -> None:
     from protocol.errors import ConfigError
     from runtime.merging import merge_models, read_composed
 
-    contents = []
-    for path in models:
-        try:
-            contents.append(path.read_bytes())
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    contents = read_models(models)
     merged = merge_models(contents, names=[str(p) for p in models])
     try:
         out_path.write_bytes(merged)
@@ -70,6 +67,10 @@ def merge(models: tuple[Path, ...], out_path: Path) -> None:
         console.print(
             f"  {head.name}: {', '.join(head.labels) or f'{head.weights[-1].size} classes'}"
         )
+
+
+# The same-task form of merging: models of one task trained apart, averaged.
+model_group.add_command(soup)
 
 
 @model_group.command("card")
